@@ -1,0 +1,134 @@
+"""Sparse kernels and the single dispatch point that picks a backend by device.
+
+Every function here takes torch tensors and returns torch tensors. Activations are
+*feature-major*: ``xt`` is (in_features, n) and ``gt`` is (out_features, n), so the
+inner loops run over n contiguously. Sparse matrices are CSR: ``indptr`` int64 of
+length rows+1, ``indices`` int32 column indices, ``values`` float32/float64.
+
+With ``check=True`` (the default) inputs are validated and bad ones raise with a
+message naming the value; non-contiguous dense inputs are made contiguous (a copy).
+The engine calls with ``check=False`` on structures it built itself.
+
+Backends: ``cpu`` (Numba). A CUDA backend is not implemented yet; CUDA tensors
+raise :class:`NotImplementedError` here, the one place that would route them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import init as _init
+from . import sddmm as _sddmm
+from . import select as _select
+from . import spmm as _spmm
+from . import spmm_t as _spmm_t
+from ._validate import as_numpy, check_csr, check_dense, check_float
+
+__all__ = ["backend_name", "spmm", "spmm_t", "transpose_csr", "sddmm", "select_topk",
+           "init_values", "scan"]
+
+
+def backend_name(device: torch.device | str = "cpu") -> str:
+    """The backend that serves tensors on ``device`` (the dispatch point)."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return "numba-cpu"
+    raise NotImplementedError(
+        f"sparsecore has no kernel backend for device {dev} yet; only CPU is supported")
+
+
+def _np(t: torch.Tensor, name: str) -> np.ndarray:
+    backend_name(t.device)
+    return as_numpy(t, name)
+
+
+def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+         xt: torch.Tensor, *, n_cols: int | None = None, check: bool = True) -> torch.Tensor:
+    """yt = W @ xt for W (rows, n_cols) in CSR and xt (n_cols, n); returns (rows, n)."""
+    rows = indptr.numel() - 1
+    if check:
+        check_float(values, "values")
+        cols = xt.shape[0] if n_cols is None else n_cols
+        check_csr(indptr, indices, rows, cols, "W")
+        check_dense(xt, "xt", values.dtype, rows=cols)
+        if values.numel() != indices.numel():
+            raise ValueError(f"values has {values.numel()} entries; W stores {indices.numel()}")
+    y = _spmm.spmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(values, "values"),
+                   _np(xt, "xt"))
+    return torch.from_numpy(y)
+
+
+def transpose_csr(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int, *,
+                  check: bool = True):
+    """(t_indptr, t_rows, t_perm) of W^T: row pointers over W's columns, W's row of
+    each entry, and the position of that entry in W's value array."""
+    if check:
+        check_csr(indptr, indices, indptr.numel() - 1, n_cols, "W")
+    out = _spmm_t.transpose_csr(_np(indptr, "indptr"), _np(indices, "indices"), int(n_cols))
+    return tuple(torch.from_numpy(a) for a in out)
+
+
+def spmm_t(t_indptr: torch.Tensor, t_rows: torch.Tensor, t_perm: torch.Tensor,
+           values: torch.Tensor, gt: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+    """dxt = W^T @ gt for gt (rows_of_W, n); W^T from :func:`transpose_csr`."""
+    if check:
+        check_float(values, "values")
+        check_csr(t_indptr, t_rows, t_indptr.numel() - 1, gt.shape[0] if gt.dim() else 0, "W^T")
+        check_dense(gt, "gt", values.dtype)
+        if t_perm.dtype != torch.int64 or t_perm.numel() != t_rows.numel():
+            raise ValueError("t_perm must be int64 with one entry per stored value")
+        if t_perm.numel() and (int(t_perm.min()) < 0 or int(t_perm.max()) >= values.numel()):
+            raise IndexError(f"t_perm points outside values (length {values.numel()})")
+    d = _spmm_t.spmm_t(_np(t_indptr, "t_indptr"), _np(t_rows, "t_rows"), _np(t_perm, "t_perm"),
+                       _np(values, "values"), _np(gt, "gt"))
+    return torch.from_numpy(d)
+
+
+def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: torch.Tensor,
+          *, theta: torch.Tensor | None = None, reg: float = 0.0,
+          out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+    """For each stored (row, col): sum_n gt[row, n] * xt[col, n], plus reg * theta.
+    Writes into ``out`` (length nnz) when given."""
+    if check:
+        check_float(gt, "gt")
+        check_csr(indptr, indices, indptr.numel() - 1, xt.shape[0] if xt.dim() else 0, "W")
+        check_dense(gt, "gt", gt.dtype, rows=indptr.numel() - 1)
+        check_dense(xt, "xt", gt.dtype)
+        if gt.shape[1] != xt.shape[1]:
+            raise ValueError(f"gt has n={gt.shape[1]} columns but xt has n={xt.shape[1]}")
+        if theta is not None and (theta.numel() != indices.numel() or theta.dtype != gt.dtype):
+            raise ValueError(f"theta must have {indices.numel()} entries of {gt.dtype}")
+    o = None if out is None else _np(out, "out")
+    th = None if theta is None else _np(theta, "theta")
+    r = _sddmm.sddmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(gt, "gt"),
+                     _np(xt, "xt"), th, reg, o)
+    return out if out is not None else torch.from_numpy(r)
+
+
+def select_topk(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending int64 positions of the k largest |values| (ties: smaller position)."""
+    check_float(values, "values")
+    if values.dim() != 1:
+        raise ValueError(f"values must be 1-D, got shape {tuple(values.shape)}")
+    v = _np(values, "values")
+    if not np.isfinite(v).all():
+        raise ValueError("values contain NaN or Inf; top-K by magnitude is undefined")
+    return torch.from_numpy(_select.select_topk(v, int(k)))
+
+
+def init_values(key: int, flat_idx: torch.Tensor, *, kind: str = "uniform", param: float,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """theta0(key, i) at the given flat indices (see :mod:`sparsecore.kernels.init`)."""
+    nd = np.float32 if dtype == torch.float32 else np.float64
+    return torch.from_numpy(_init.init_values(key, _np(flat_idx, "flat_idx"),
+                                              _init.KINDS[kind], param, nd))
+
+
+def scan(key: int, n_total: int, floor: float, *, kind: str = "uniform", param: float,
+         dtype: torch.dtype = torch.float32, skip: torch.Tensor | None = None,
+         chunk: int = 1 << 26) -> torch.Tensor:
+    """Sorted flat indices in [0, n_total) with |theta0| >= floor, not in ``skip``."""
+    nd = np.float32 if dtype == torch.float32 else np.float64
+    sk = None if skip is None else _np(skip, "skip")
+    return torch.from_numpy(_init.scan(key, n_total, floor, _init.KINDS[kind], param,
+                                       dtype=nd, skip=sk, chunk=chunk))

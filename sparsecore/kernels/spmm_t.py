@@ -1,0 +1,54 @@
+"""dX^T = W^T G^T for a CSR matrix W, via a transposed structure built once.
+
+The transpose (CSC of W, i.e. CSR of W^T) is a pure index structure plus a
+permutation into W's value array. It depends only on the sparsity pattern, so
+the engine rebuilds it at refresh time and reuses it every step; values are
+gathered through the permutation inside the kernel, so no transposed copy of the
+values is ever made.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from .spmm import PANEL, csr_rows_kernel
+
+
+@nb.njit(cache=True)
+def _transpose_kernel(indptr, indices, n_cols, t_indptr, t_rows, t_perm):
+    nrows = indptr.shape[0] - 1
+    for k in range(indices.shape[0]):
+        t_indptr[indices[k] + 1] += 1
+    for c in range(n_cols):
+        t_indptr[c + 1] += t_indptr[c]
+    fill = t_indptr[:-1].copy()
+    for r in range(nrows):
+        for k in range(indptr[r], indptr[r + 1]):
+            c = indices[k]
+            pos = fill[c]
+            t_rows[pos] = r
+            t_perm[pos] = k
+            fill[c] = pos + 1
+
+
+def transpose_csr(indptr: np.ndarray, indices: np.ndarray, n_cols: int):
+    """CSR of W^T: (t_indptr int64 (n_cols+1), t_rows int32, t_perm int64)
+    with W^T's k-th stored value equal to ``data[t_perm[k]]``; rows ascending
+    within each column (a counting sort, O(nnz + n_cols))."""
+    nnz = indices.shape[0]
+    t_indptr = np.zeros(n_cols + 1, np.int64)
+    t_rows = np.empty(nnz, np.int32)
+    t_perm = np.empty(nnz, np.int64)
+    _transpose_kernel(indptr, indices, n_cols, t_indptr, t_rows, t_perm)
+    return t_indptr, t_rows, t_perm
+
+
+def spmm_t(t_indptr: np.ndarray, t_rows: np.ndarray, t_perm: np.ndarray,
+           data: np.ndarray, gt: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Return dxt (in, n) = W^T @ gt for gt (out, n), W's transpose given by
+    :func:`transpose_csr` and W's values ``data``."""
+    cols = t_indptr.shape[0] - 1
+    if out is None:
+        out = np.empty((cols, gt.shape[1]), dtype=gt.dtype)
+    csr_rows_kernel(t_indptr, t_rows, data, t_perm, gt, out, PANEL)
+    return out
