@@ -111,7 +111,7 @@ class TopKASTLinear(nn.Module):
                            spec=InitSpec(key, _init.KINDS[init], self.init_scale, np_dtype),
                            name=name or "TopKASTLinear")
         self.values = nn.Parameter(torch.from_numpy(res.values))
-        self.bias = nn.Parameter(self._init_bias(dtype)) if bias else None
+        self.bias = nn.Parameter(self._init_bias(dtype, key)) if bias else None
         self.register_buffer("key", torch.tensor(key - (1 << 64) if key >= 1 << 63 else key,
                                                  dtype=torch.int64))
         self._commit(res)
@@ -130,9 +130,12 @@ class TopKASTLinear(nn.Module):
     def _reserve_target(self) -> int:
         return int(math.ceil(self.reserve * self.k_b))
 
-    def _init_bias(self, dtype) -> torch.Tensor:
+    def _init_bias(self, dtype, key: int) -> torch.Tensor:
+        """nn.Linear's bias init, U(-1/sqrt(in), 1/sqrt(in)), drawn from a generator
+        seeded by the layer key so the same seed rebuilds the same layer."""
         bound = 1.0 / math.sqrt(self.in_features)
-        return torch.empty(self.out_features, dtype=dtype).uniform_(-bound, bound)
+        gen = torch.Generator().manual_seed(key & 0x7FFFFFFFFFFFFFFF)
+        return torch.empty(self.out_features, dtype=dtype).uniform_(-bound, bound, generator=gen)
 
     def _spec(self) -> InitSpec:
         np_dtype = np.float32 if self.values.dtype == torch.float32 else np.float64
@@ -377,3 +380,75 @@ class TopKASTLinear(nn.Module):
                 f"bias={self.bias is not None}, forward_sparsity={self.forward_sparsity}, "
                 f"backward_sparsity={self.backward_sparsity}, nnz_A={self.k_a}, nnz_B={self.k_b}, "
                 f"pool={self.pool_size()}, dtype={self.values.dtype}")
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+class TopKASTConv2d(TopKASTLinear):
+    """A 2-D convolution trained with Top-KAST over the same storage as
+    :class:`TopKASTLinear`: the dense-equivalent weight is (out_channels,
+    in_channels * kh * kw), in the order of ``nn.Conv2d.weight.flatten(1)``.
+
+    The input is unfolded (im2col) and multiplied by the sparse weight, so the
+    extra memory is that of the unfolded activations, never the dense weight.
+    Supports stride, zero padding and dilation; groups = 1.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, bias: bool = True, **kwargs):
+        for nm, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{nm} must be a positive int, got {v!r}")
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1 \
+                or min(self.padding) < 0:
+            raise ValueError(f"invalid convolution geometry: kernel_size={self.kernel_size}, "
+                             f"stride={self.stride}, padding={self.padding}, "
+                             f"dilation={self.dilation}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        kh, kw = self.kernel_size
+        super().__init__(in_channels * kh * kw, out_channels, bias, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"input has shape {shape}; expected (N, C={self.in_channels}, H, W) "
+                             f"or (C={self.in_channels}, H, W)")
+        batched = x.dim() == 4
+        if not batched:
+            x = x.unsqueeze(0)
+        n, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if ho <= 0 or wo <= 0:
+            raise ValueError(f"input spatial size {(h, w)} is too small for kernel_size "
+                             f"{self.kernel_size} with padding {self.padding}")
+        cols = torch.nn.functional.unfold(x, self.kernel_size, dilation=self.dilation,
+                                          padding=self.padding, stride=self.stride)
+        y = super().forward(cols.transpose(1, 2))             # (n, L, out)
+        y = y.transpose(1, 2).reshape(n, self.out_channels, ho, wo)
+        return y if batched else y.squeeze(0)
+
+    def _name(self) -> str:
+        return f"TopKASTConv2d({self.in_channels}, {self.out_channels}, {self.kernel_size})"
+
+    def config(self) -> dict:
+        cfg = super().config()
+        cfg.update(in_channels=self.in_channels, out_channels=self.out_channels,
+                   kernel_size=list(self.kernel_size), stride=list(self.stride),
+                   padding=list(self.padding), dilation=list(self.dilation))
+        return cfg
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                + super().extra_repr())
