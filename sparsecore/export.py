@@ -100,7 +100,11 @@ class SparseConv2dInference(SparseLinearInference):
 def inference_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for inference: every Top-KAST layer replaced by a
     forward-only layer holding just A; other modules deep-copied. The sparse
-    layers' training state is never copied."""
+    layers' training state is never copied. For a :class:`SparseModel` the copy is
+    of the wrapped module (the wrapper's optimizer hooks are training state)."""
+    from .model import SparseModel
+    if isinstance(model, SparseModel):
+        model = model.module
     memo = {}
     for _, l in _layers(model).items():
         memo[id(l)] = (SparseConv2dInference(l) if isinstance(l, TopKASTConv2d)
