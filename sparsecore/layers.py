@@ -259,12 +259,11 @@ class TopKASTLinear(nn.Module):
         for t, new in staged:
             t.copy_(new)
         self._commit(res)
-        old_b = np.sort(np.concatenate([old_a, old_x]))
-        new_b = np.sort(np.concatenate([res.a_flat, res.x_flat]))
-        info = {
-            "changed_a": 1.0 - np.intersect1d(old_a, res.a_flat, assume_unique=True).size / self.k_a,
-            "changed_b": 1.0 - np.intersect1d(old_b, new_b, assume_unique=True).size / self.k_b,
-            "entered_a_from_outside_b": int((res.src[: self.k_a] < 0).sum()),
+        src_a = res.src[: self.k_a]
+        info = {  # res.src: old position in values (< K_A: was in A), -1: was not in B
+            "changed_a": 1.0 - int(((src_a >= 0) & (src_a < self.k_a)).sum()) / self.k_a,
+            "changed_b": 1.0 - int((res.src >= 0).sum()) / self.k_b,
+            "entered_a_from_outside_b": int((src_a < 0).sum()),
             "replenished": res.replenished,
             "scanned_added": res.scanned_added,
         }

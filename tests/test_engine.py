@@ -49,8 +49,12 @@ def test_engine_equals_dense_reference(opt_name, reserve):
         opt_e.step()
         ref.step(opt_r)
         if step % 3 == 2:
+            old_a, old_b = ref.a.clone(), ref.b.clone()
             info = layer.refresh(opt_e)
             ref.refresh(opt_r)
+            assert info["changed_a"] == pytest.approx(1 - (old_a & ref.a).sum().item() / layer.k_a)
+            assert info["changed_b"] == pytest.approx(1 - (old_b & ref.b).sum().item() / layer.k_b)
+            assert info["entered_a_from_outside_b"] == (ref.a & ~old_b).sum().item()
             changed += info["changed_b"] > 0
             replenished += info["replenished"]
             assert torch.equal(layer.active_indices(), ref.active_indices()), step
