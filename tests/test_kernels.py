@@ -1,0 +1,959 @@
+"""Kernel tests: every kernel against an independent oracle (dense torch math or brute force).
+
+Oracles used here never call the kernels under test:
+  * spmm / spmm_t / sddmm      -> a dense float64 torch matrix built from the CSR by index_put;
+  * transpose_csr              -> a stable lexsort of the entries by (column, row);
+  * select_topk                -> np.lexsort((positions, -|values|))[:k];
+  * kth_largest_magnitude      -> np.sort(|values|)[::-1][k-1];
+  * scan                       -> np.flatnonzero(|init_values(arange(n_total))| >= floor) minus skip;
+  * init_values                -> itself under different chunkings / orders / thread counts
+                                  (it is the definition of theta0), plus KS tests on its law.
+
+Float tolerances are the worst-case summation error bound, not guesses: for a sum of K products,
+in any order, with or without FMA, |got - exact| <= (2K + 2) * eps * sum_k |a_k b_k| (the 2K covers
+the float64 oracle's own rounding), with the exact value computed in float64 from the same
+(possibly float32) inputs. For K <= 40 that is ~5e-6 relative in float32, ~2e-14 in float64.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from sparsecore import kernels
+from sparsecore.kernels import init as init_mod
+from sparsecore.kernels.select import kth_largest_magnitude
+
+# SPARSECORE_HYP_EXAMPLES=1000 for a deeper search; the default keeps the file around 30 s.
+_N_EX = int(os.environ.get("SPARSECORE_HYP_EXAMPLES", "30"))
+HYP = settings(max_examples=_N_EX, deadline=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+DTYPES = [torch.float32, torch.float64]
+EPS = {torch.float32: float(np.finfo(np.float32).eps), torch.float64: float(np.finfo(np.float64).eps)}
+
+
+@contextmanager
+def num_threads(k: int):
+    old = numba.get_num_threads()
+    numba.set_num_threads(k)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------------------------
+# CSR construction and the dense oracle
+# --------------------------------------------------------------------------------------------
+
+class CSR:
+    """A random CSR matrix (int64 row pointers, int32 sorted columns) and its dense twin."""
+
+    def __init__(self, rng, rows, cols, density, dtype, *, empty_rows=0.0, empty_cols=0.0,
+                 nnz=None, explicit_zeros=False):
+        self.rows, self.cols, self.dtype = rows, cols, dtype
+        if nnz is None:
+            mask = rng.random((rows, cols)) < density
+            if empty_rows:
+                mask[rng.random(rows) < empty_rows, :] = False
+            if empty_cols:
+                mask[:, rng.random(cols) < empty_cols] = False
+            r, c = np.nonzero(mask)  # row-major: columns ascending within each row
+        else:  # few entries in a huge matrix, without a dense mask
+            flat = np.unique(rng.integers(0, rows * cols, nnz))
+            r, c = flat // cols, flat % cols
+        counts = np.bincount(r, minlength=rows) if rows else np.zeros(0, np.int64)
+        self.indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        self.indices = torch.from_numpy(c.astype(np.int32))
+        self.row_of = torch.from_numpy(r.astype(np.int64))
+        vals = rng.standard_normal(r.shape[0])
+        if explicit_zeros and vals.size:
+            vals[rng.random(vals.size) < 0.2] = 0.0
+        self.values = torch.from_numpy(vals).to(dtype)
+
+    @property
+    def nnz(self):
+        return self.indices.numel()
+
+    def max_row_nnz(self):
+        return int((self.indptr[1:] - self.indptr[:-1]).max()) if self.rows else 0
+
+    def max_col_nnz(self):
+        return int(np.bincount(self.indices.numpy(), minlength=1).max()) if self.nnz else 0
+
+    def dense64(self, values=None):
+        v = self.values if values is None else values
+        w = torch.zeros(self.rows, self.cols, dtype=torch.float64)
+        w.index_put_((self.row_of, self.indices.long()), v.double(), accumulate=True)
+        return w
+
+
+def assert_within(got, exact64, bound64, dtype, terms, what=""):
+    """|got - exact| <= (2 * terms + 2) * eps * bound, exact and bound computed in float64."""
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
+    assert got.shape == exact64.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(exact64.shape)}"
+    err = (got.double() - exact64).abs()
+    tol = (2 * max(int(terms), 1) + 2) * EPS[dtype] * bound64 + 1e-300
+    bad = err > tol
+    assert not bool(bad.any()), (f"{what}: max err {float(err.max()):.3e}; "
+                                 f"{int(bad.sum())} entries beyond the bound")
+
+
+def rand(rng, shape, dtype):
+    return torch.from_numpy(rng.standard_normal(shape)).to(dtype)
+
+
+@st.composite
+def csr_cases(draw):
+    rows = draw(st.integers(1, 40))
+    cols = draw(st.integers(1, 40))
+    n = draw(st.integers(1, 40))
+    density = draw(st.sampled_from([0.0, 0.03, 0.1, 0.3, 0.7, 1.0]))
+    empty_rows = draw(st.sampled_from([0.0, 0.3]))
+    empty_cols = draw(st.sampled_from([0.0, 0.3]))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    w = CSR(rng, rows, cols, density, dtype, empty_rows=empty_rows, empty_cols=empty_cols,
+            explicit_zeros=draw(st.booleans()))
+    return w, n, rng
+
+
+# --------------------------------------------------------------------------------------------
+# spmm, transpose_csr + spmm_t, sddmm vs dense
+# --------------------------------------------------------------------------------------------
+
+def check_spmm(w: CSR, xt):
+    y = kernels.spmm(w.indptr, w.indices, w.values, xt)
+    wd = w.dense64()
+    assert_within(y, wd @ xt.double(), wd.abs() @ xt.double().abs(), w.dtype,
+                  w.max_row_nnz(), "spmm")
+    return y
+
+
+def check_transpose(w: CSR):
+    t_indptr, t_rows, t_perm = kernels.transpose_csr(w.indptr, w.indices, w.cols)
+    assert t_indptr.dtype == torch.int64 and t_rows.dtype == torch.int32
+    assert t_perm.dtype == torch.int64
+    order = np.lexsort((w.row_of.numpy(), w.indices.numpy()))  # by column, then row
+    counts = np.bincount(w.indices.numpy(), minlength=w.cols)
+    np.testing.assert_array_equal(t_indptr.numpy(), np.concatenate([[0], np.cumsum(counts)]))
+    np.testing.assert_array_equal(t_perm.numpy(), order)
+    np.testing.assert_array_equal(t_rows.numpy(), w.row_of.numpy()[order])
+    return t_indptr, t_rows, t_perm
+
+
+def check_spmm_t(w: CSR, gt):
+    t = check_transpose(w)
+    dx = kernels.spmm_t(*t, w.values, gt)
+    wd = w.dense64()
+    assert_within(dx, wd.t() @ gt.double(), wd.abs().t() @ gt.double().abs(), w.dtype,
+                  w.max_col_nnz(), "spmm_t")
+    return dx
+
+
+def check_sddmm(w: CSR, gt, xt, theta=None, reg=0.0):
+    d = kernels.sddmm(w.indptr, w.indices, gt, xt, theta=theta, reg=reg)
+    r, c = w.row_of, w.indices.long()
+    g64, x64 = gt.double(), xt.double()
+    exact = (g64[r] * x64[c]).sum(1)
+    bound = (g64[r] * x64[c]).abs().sum(1)
+    if theta is not None and reg != 0.0:
+        exact = exact + reg * theta.double()
+        bound = bound + abs(reg * theta.double())
+    assert_within(d, exact, bound, gt.dtype, gt.shape[1] + 1, "sddmm")
+    assert d.shape == (w.nnz,)
+    return d
+
+
+@HYP
+@given(csr_cases())
+def test_spmm_matches_dense(case):
+    w, n, rng = case
+    xt = rand(rng, (w.cols, n), w.dtype)
+    x_before = xt.clone()
+    y = check_spmm(w, xt)
+    assert y.shape == (w.rows, n)
+    assert torch.equal(xt, x_before)  # inputs untouched
+
+
+@HYP
+@given(csr_cases())
+def test_transpose_and_spmm_t_match_dense(case):
+    w, n, rng = case
+    gt = rand(rng, (w.rows, n), w.dtype)
+    dx = check_spmm_t(w, gt)
+    assert dx.shape == (w.cols, n)
+
+
+@HYP
+@given(csr_cases(), st.sampled_from([None, 0.0, 1e-4, 0.37, -2.5]))
+def test_sddmm_matches_dense(case, reg):
+    w, n, rng = case
+    gt = rand(rng, (w.rows, n), w.dtype)
+    xt = rand(rng, (w.cols, n), w.dtype)
+    if reg is None:
+        check_sddmm(w, gt, xt)
+    else:
+        theta = rand(rng, (w.nnz,), w.dtype)
+        check_sddmm(w, gt, xt, theta=theta, reg=reg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_by_one_and_empty(dtype):
+    rng = np.random.default_rng(0)
+    for density in (0.0, 1.0):  # 1x1 with nnz = 0 and nnz = 1
+        w = CSR(rng, 1, 1, density, dtype)
+        assert w.nnz == int(density)
+        check_spmm(w, rand(rng, (1, 1), dtype))
+        check_spmm_t(w, rand(rng, (1, 1), dtype))
+        check_sddmm(w, rand(rng, (1, 1), dtype), rand(rng, (1, 1), dtype),
+                    theta=rand(rng, (w.nnz,), dtype), reg=0.5)
+    # nnz = 0 in a larger matrix: all-zero products, empty sddmm
+    w = CSR(rng, 7, 5, 0.0, dtype)
+    y = check_spmm(w, rand(rng, (5, 3), dtype))
+    assert not bool(y.any())
+    dx = check_spmm_t(w, rand(rng, (7, 3), dtype))
+    assert not bool(dx.any())
+    assert check_sddmm(w, rand(rng, (7, 3), dtype), rand(rng, (5, 3), dtype)).numel() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [15, 16, 17, 63, 127, 128, 129, 208, 255, 256, 257, 600])
+def test_n_across_panel_boundaries(dtype, n):
+    """n around and beyond the kernels' register/cache panel widths (powers of two up to 256,
+    mixed remainders), row lengths not a multiple of 4 or 2."""
+    rng = np.random.default_rng(n)
+    w = CSR(rng, 13, 11, 0.6, dtype, empty_rows=0.2)
+    check_spmm(w, rand(rng, (11, n), dtype))
+    check_spmm_t(w, rand(rng, (13, n), dtype))
+    check_sddmm(w, rand(rng, (13, n), dtype), rand(rng, (11, n), dtype),
+                theta=rand(rng, (w.nnz,), dtype), reg=0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [9, 131])
+def test_many_columns_and_long_rows(dtype, n):
+    """Rows that span thousands of columns (column tiling of xt) with wide n."""
+    rng = np.random.default_rng(10 + n)
+    w = CSR(rng, 48, 3_001, 0.03, dtype, empty_rows=0.1)
+    w2 = CSR(rng, 4, 3_001, 0.6, dtype)            # a few very long rows
+    for m in (w, w2):
+        check_spmm(m, rand(rng, (m.cols, n), dtype))
+        check_spmm_t(m, rand(rng, (m.rows, n), dtype))
+        check_sddmm(m, rand(rng, (m.rows, n), dtype), rand(rng, (m.cols, n), dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_very_wide(dtype):
+    """in >= 70000 columns (beyond int16), few rows, few entries."""
+    rng = np.random.default_rng(1)
+    rows, cols, n = 3, 70_003, 5
+    w = CSR(rng, rows, cols, None, dtype, nnz=60)
+    # make sure the last columns are used (int16 / off-by-one traps)
+    assert int(w.indices.max()) > 40_000
+    w.indices[-1] = cols - 1
+    xt = rand(rng, (cols, n), dtype)
+    gt = rand(rng, (rows, n), dtype)
+    check_spmm(w, xt)
+    check_spmm_t(w, gt)
+    check_sddmm(w, gt, xt, theta=rand(rng, (w.nnz,), dtype), reg=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_very_tall(dtype):
+    """out >= 70000 rows, few columns, few entries (most rows empty)."""
+    rng = np.random.default_rng(2)
+    rows, cols, n = 70_001, 4, 3
+    w = CSR(rng, rows, cols, None, dtype, nnz=80)
+    assert int(w.row_of.max()) > 40_000
+    xt = rand(rng, (cols, n), dtype)
+    gt = rand(rng, (rows, n), dtype)
+    y = check_spmm(w, xt)
+    assert y.shape == (rows, n)
+    check_spmm_t(w, gt)
+    check_sddmm(w, gt, xt, theta=rand(rng, (w.nnz,), dtype), reg=-0.2)
+
+
+# --------------------------------------------------------------------------------------------
+# layouts: non-contiguous inputs, out=, thread count
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs_give_same_result(dtype):
+    rng = np.random.default_rng(3)
+    w = CSR(rng, 9, 12, 0.4, dtype)
+    n = 7
+    x = rand(rng, (n, w.cols), dtype)   # batch-major, as a layer receives it
+    g = rand(rng, (n, w.rows), dtype)
+    xt, gt = x.t(), g.t()               # feature-major views: not contiguous
+    assert not xt.is_contiguous() and not gt.is_contiguous()
+    t = kernels.transpose_csr(w.indptr, w.indices, w.cols)
+
+    y = kernels.spmm(w.indptr, w.indices, w.values, xt)
+    assert torch.equal(y, kernels.spmm(w.indptr, w.indices, w.values, xt.contiguous()))
+    check_spmm(w, xt)
+
+    dx = kernels.spmm_t(*t, w.values, gt)
+    assert torch.equal(dx, kernels.spmm_t(*t, w.values, gt.contiguous()))
+    check_spmm_t(w, gt)
+
+    theta = rand(rng, (2 * w.nnz,), dtype)[::2]  # strided theta too
+    d = kernels.sddmm(w.indptr, w.indices, gt, xt, theta=theta, reg=0.25)
+    assert torch.equal(d, kernels.sddmm(w.indptr, w.indices, gt.contiguous(), xt.contiguous(),
+                                        theta=theta.contiguous(), reg=0.25))
+    check_sddmm(w, gt, xt, theta=theta, reg=0.25)
+
+    # strided values and values that require grad (an nn.Parameter)
+    vals2 = torch.zeros(2 * w.nnz, dtype=dtype)
+    vals2[::2] = w.values
+    assert torch.equal(kernels.spmm(w.indptr, w.indices, vals2[::2], xt), y)
+    assert torch.equal(kernels.spmm_t(*t, vals2[::2], gt), dx)
+    p = torch.nn.Parameter(w.values.clone())
+    assert torch.equal(kernels.spmm(w.indptr, w.indices, p, xt), y)
+    assert torch.equal(kernels.spmm_t(*t, p, gt), dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sddmm_writes_into_contiguous_out(dtype):
+    rng = np.random.default_rng(4)
+    w = CSR(rng, 6, 8, 0.5, dtype)
+    gt, xt = rand(rng, (6, 5), dtype), rand(rng, (8, 5), dtype)
+    theta = rand(rng, (w.nnz,), dtype)
+    ref = check_sddmm(w, gt, xt, theta=theta, reg=0.7)
+    # a slice of a larger gradient buffer, the way the engine uses it
+    buf = torch.full((w.nnz + 10,), 123.0, dtype=dtype)
+    out = buf[3:3 + w.nnz]
+    r = kernels.sddmm(w.indptr, w.indices, gt, xt, theta=theta, reg=0.7, out=out)
+    assert r is out
+    assert torch.equal(buf[3:3 + w.nnz], ref)
+    assert bool((buf[:3] == 123.0).all()) and bool((buf[3 + w.nnz:] == 123.0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sddmm_non_contiguous_out_is_written(dtype):
+    """out= must receive the result even when it is a strided view (or be rejected).
+
+    Today the wrapper converts ``out`` with ``.contiguous().numpy()``, which silently
+    copies a strided view: the kernel writes the copy and ``out`` stays unchanged."""
+    rng = np.random.default_rng(5)
+    w = CSR(rng, 5, 6, 0.6, dtype)
+    gt, xt = rand(rng, (5, 4), dtype), rand(rng, (6, 4), dtype)
+    ref = kernels.sddmm(w.indptr, w.indices, gt, xt)
+    buf = torch.zeros(2 * w.nnz, dtype=dtype)
+    out = buf[::2]
+    try:
+        r = kernels.sddmm(w.indptr, w.indices, gt, xt, out=out)
+    except (ValueError, TypeError):
+        return  # rejecting a strided out is an acceptable contract too
+    assert r is out
+    assert torch.equal(out, ref), "sddmm(out=strided view) did not write into out"
+
+
+def test_sddmm_rejects_short_out():
+    """A too-short out= must raise, not write past its end (kernel runs boundscheck=False).
+    Run in a subprocess: today this corrupts the heap and the interpreter may segfault."""
+    code = textwrap.dedent("""
+        import torch
+        from sparsecore import kernels
+        rows, cols, n = 200, 50, 8
+        indptr = torch.arange(0, rows * cols + 1, cols, dtype=torch.int64)
+        indices = torch.arange(cols, dtype=torch.int32).repeat(rows)
+        gt = torch.randn(rows, n, dtype=torch.float64)
+        xt = torch.randn(cols, n, dtype=torch.float64)
+        try:
+            kernels.sddmm(indptr, indices, gt, xt, out=torch.zeros(1, dtype=torch.float64))
+        except (ValueError, IndexError) as e:
+            print("RAISED:", e, flush=True)
+        else:
+            print("NO ERROR", flush=True)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert "RAISED" in res.stdout, (
+        f"sddmm accepted out of length 1 for nnz=10000 (rc={res.returncode}, "
+        f"stdout={res.stdout.strip()!r})")
+    assert res.returncode == 0
+
+
+def test_results_independent_of_thread_count():
+    rng = np.random.default_rng(6)
+    for dtype in DTYPES:
+        w = CSR(rng, 37, 29, 0.3, dtype, empty_rows=0.1)
+        xt, gt = rand(rng, (29, 300), dtype), rand(rng, (37, 300), dtype)
+        theta = rand(rng, (w.nnz,), dtype)
+        t = kernels.transpose_csr(w.indptr, w.indices, w.cols)
+
+        def run():
+            return (kernels.spmm(w.indptr, w.indices, w.values, xt),
+                    kernels.spmm_t(*t, w.values, gt),
+                    kernels.sddmm(w.indptr, w.indices, gt, xt, theta=theta, reg=0.1))
+
+        many = run()
+        with num_threads(1):
+            one = run()
+        for a, b in zip(many, one):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+def _small(dtype=torch.float32):
+    indptr = torch.tensor([0, 2, 2, 4], dtype=torch.int64)       # 3 rows, row 1 empty
+    indices = torch.tensor([0, 3, 1, 4], dtype=torch.int32)      # 5 columns
+    values = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=dtype)
+    xt = torch.ones(5, 2, dtype=dtype)
+    gt = torch.ones(3, 2, dtype=dtype)
+    return indptr, indices, values, xt, gt
+
+
+def _spmm(indptr, indices, values, xt, gt, **kw):
+    return kernels.spmm(indptr, indices, values, xt, **kw)
+
+
+def _spmm_t(indptr, indices, values, xt, gt):
+    # structural errors of W show up when building (and validating) its transpose
+    t = kernels.transpose_csr(indptr, indices, 5)
+    return kernels.spmm_t(*t, values, gt)
+
+
+def _sddmm(indptr, indices, values, xt, gt):
+    return kernels.sddmm(indptr, indices, gt, xt, theta=values, reg=0.1)
+
+
+ENTRY = {"spmm": _spmm, "spmm_t": _spmm_t, "sddmm": _sddmm}
+
+
+@pytest.mark.parametrize("fn", list(ENTRY))
+def test_valid_small_inputs_pass(fn):
+    ENTRY[fn](*_small())  # the baseline of every validation test below is valid
+
+
+@pytest.mark.parametrize("fn", list(ENTRY))
+def test_indptr_int32_rejected(fn):
+    ip, ix, v, xt, gt = _small()
+    with pytest.raises(TypeError, match=r"row pointers have dtype torch\.int32; expected torch\.int64"):
+        ENTRY[fn](ip.int(), ix, v, xt, gt)
+
+
+@pytest.mark.parametrize("fn", list(ENTRY))
+def test_indices_int64_rejected(fn):
+    ip, ix, v, xt, gt = _small()
+    with pytest.raises(TypeError, match=r"column indices have dtype torch\.int64; expected torch\.int32"):
+        ENTRY[fn](ip, ix.long(), v, xt, gt)
+
+
+@pytest.mark.parametrize("fn", ["spmm", "spmm_t"])
+def test_indptr_wrong_length_rejected(fn):
+    ip, ix, v, xt, gt = _small()
+    with pytest.raises(ValueError, match=r"end at nnz=4"):
+        ENTRY[fn](ip[:-1], ix, v, xt, gt)      # one row pointer short
+
+
+def test_indptr_wrong_length_rejected_sddmm():
+    ip, ix, v, xt, gt = _small()
+    with pytest.raises(ValueError, match=r"gt has 3 rows; expected 4"):
+        _sddmm(torch.tensor([0, 2, 2, 4, 4]), ix, v, xt, gt)   # one row pointer too many
+    with pytest.raises(ValueError, match=r"end at nnz=4"):
+        _sddmm(ip[:-1], ix, v, xt, gt[:2])                      # one short (gt matches it)
+
+
+def test_empty_indptr_rejected_clearly():
+    """An empty row-pointer array is malformed (a CSR needs rows + 1 >= 1 pointers); the check
+    should say so instead of leaking torch's 'index 0 is out of bounds'."""
+    _, _, _, xt, _ = _small()
+    with pytest.raises(ValueError, match=r"row pointers"):
+        kernels.spmm(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int32),
+                     torch.empty(0), xt)
+
+
+@pytest.mark.parametrize("fn", list(ENTRY))
+def test_column_index_out_of_range_rejected(fn):
+    ip, ix, v, xt, gt = _small()
+    ix = ix.clone()
+    ix[2] = 5
+    with pytest.raises(IndexError, match=r"column index 5 is out of range \[0, 5\)"):
+        ENTRY[fn](ip, ix, v, xt, gt)
+
+
+@pytest.mark.parametrize("fn", list(ENTRY))
+def test_negative_column_index_rejected(fn):
+    ip, ix, v, xt, gt = _small()
+    ix = ix.clone()
+    ix[0] = -1
+    with pytest.raises(IndexError, match=r"column index -1 is out of range"):
+        ENTRY[fn](ip, ix, v, xt, gt)
+
+
+@pytest.mark.parametrize("fn", list(ENTRY))
+def test_non_monotone_indptr_rejected(fn):
+    ip, ix, v, xt, gt = _small()
+    with pytest.raises(ValueError, match=r"non-decreasing"):
+        ENTRY[fn](torch.tensor([0, 3, 1, 4]), ix, v, xt, gt)
+
+
+def test_dtype_mismatch_rejected():
+    ip, ix, v, xt, gt = _small(torch.float32)
+    with pytest.raises(TypeError, match=r"xt has dtype torch\.float64 but the sparse values are torch\.float32"):
+        kernels.spmm(ip, ix, v, xt.double())
+    t = kernels.transpose_csr(ip, ix, 5)
+    with pytest.raises(TypeError, match=r"gt has dtype torch\.float64 but the sparse values are torch\.float32"):
+        kernels.spmm_t(*t, v, gt.double())
+    with pytest.raises(TypeError, match=r"xt has dtype torch\.float64"):
+        kernels.sddmm(ip, ix, gt, xt.double())
+    with pytest.raises(ValueError, match=r"theta must have 4 entries of torch\.float32"):
+        kernels.sddmm(ip, ix, gt, xt, theta=v.double(), reg=0.1)
+
+
+def test_wrong_activation_rows_rejected():
+    ip, ix, v, xt, gt = _small()
+    with pytest.raises(ValueError, match=r"xt has 4 rows; expected 5"):
+        kernels.spmm(ip, ix, v, xt[:4], n_cols=5)
+    with pytest.raises(IndexError, match=r"column index 4 is out of range \[0, 4\)"):
+        kernels.spmm(ip, ix, v, xt[:4])          # inferred width too small for the columns
+    with pytest.raises(ValueError, match=r"gt has 2 rows; expected 3"):
+        kernels.sddmm(ip, ix, gt[:2], xt)
+    with pytest.raises(IndexError, match=r"out of range \[0, 4\)"):
+        kernels.sddmm(ip, ix, gt, xt[:4])
+    t = kernels.transpose_csr(ip, ix, 5)
+    with pytest.raises(IndexError, match=r"out of range \[0, 2\)"):
+        kernels.spmm_t(*t, v, gt[:2])            # W has 3 rows, gt gives 2
+    with pytest.raises(ValueError, match=r"gt has n=2 columns but xt has n=3"):
+        kernels.sddmm(ip, ix, gt, torch.ones(5, 3))
+    with pytest.raises(ValueError, match=r"must be 2-D"):
+        kernels.spmm(ip, ix, v, torch.ones(5), n_cols=5)
+
+
+@pytest.mark.parametrize("bad", [torch.int64, torch.float16, torch.bfloat16, torch.bool])
+def test_non_float_values_rejected(bad):
+    ip, ix, v, xt, gt = _small()
+    with pytest.raises(TypeError, match=rf"values has dtype {bad}; expected torch\.float32 or torch\.float64"):
+        kernels.spmm(ip, ix, v.to(bad), xt)
+    t = kernels.transpose_csr(ip, ix, 5)
+    with pytest.raises(TypeError, match=r"values has dtype"):
+        kernels.spmm_t(*t, v.to(bad), gt)
+    with pytest.raises(TypeError, match=r"gt has dtype"):
+        kernels.sddmm(ip, ix, gt.to(bad), xt.to(bad))
+
+
+def test_value_count_and_perm_rejected():
+    ip, ix, v, xt, gt = _small()
+    with pytest.raises(ValueError, match=r"values has 3 entries; W stores 4"):
+        kernels.spmm(ip, ix, v[:3], xt)
+    t_ip, t_rows, t_perm = kernels.transpose_csr(ip, ix, 5)
+    with pytest.raises(ValueError, match=r"t_perm must be int64"):
+        kernels.spmm_t(t_ip, t_rows, t_perm.int(), v, gt)
+    with pytest.raises(IndexError, match=r"t_perm points outside values \(length 3\)"):
+        kernels.spmm_t(t_ip, t_rows, t_perm, v[:3], gt)
+    with pytest.raises(ValueError, match=r"theta must have 4 entries"):
+        kernels.sddmm(ip, ix, gt, xt, theta=v[:3], reg=0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# select_topk and kth_largest_magnitude
+# --------------------------------------------------------------------------------------------
+
+def brute_topk(v: np.ndarray, k: int) -> np.ndarray:
+    return np.sort(np.lexsort((np.arange(v.shape[0]), -np.abs(v)))[:k])
+
+
+def _near_bits(rng, n, dtype):
+    """Magnitudes that share their high bits and differ in lower 16-bit digits, so the
+    radix select must descend through every level; random signs, many exact ties."""
+    if dtype == np.float64:
+        base = np.array([1.5], np.float64).view(np.uint64)[0]
+        offs = np.array([0, 1, 2, 1 << 16, (1 << 16) + 1, 1 << 32, (1 << 32) + 1, 1 << 48],
+                        np.uint64)
+        bits = (base + rng.choice(offs, n)).astype(np.uint64)
+    else:
+        base = np.array([1.5], np.float32).view(np.uint32)[0]
+        offs = np.array([0, 1, 2, 1 << 16, (1 << 16) + 1, 1 << 20], np.uint32)
+        bits = (base + rng.choice(offs, n)).astype(np.uint32)
+    v = bits.view(dtype).copy()
+    return v * rng.choice(np.array([-1, 1], dtype), n)
+
+
+_TIE_POOL = np.array([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 3.0, 1e-30, -1e-30, 5e-324])
+
+
+@st.composite
+def magnitude_vectors(draw):
+    n = draw(st.integers(0, 400))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    style = draw(st.sampled_from(["ties", "near_bits", "mixed", "distinct", "zeros"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if style == "ties":
+        v = rng.choice(_TIE_POOL, n).astype(dtype)
+    elif style == "near_bits":
+        v = _near_bits(rng, n, dtype)
+    elif style == "mixed":
+        v = rng.standard_normal(n).astype(dtype)
+        m = rng.random(n) < 0.5
+        v[m] = rng.choice(_TIE_POOL, int(m.sum())).astype(dtype)
+    elif style == "zeros":
+        v = rng.choice(np.array([0.0, -0.0]), n).astype(dtype)
+    else:
+        v = rng.standard_normal(n).astype(dtype)
+    which = draw(st.sampled_from(["0", "1", "some", "n-1", "n"]))
+    k = {"0": 0, "1": min(1, n), "some": draw(st.integers(0, n)), "n-1": max(n - 1, 0),
+         "n": n}[which]
+    return v, k
+
+
+@HYP
+@given(magnitude_vectors())
+def test_select_topk_matches_brute_force(case):
+    v, k = case
+    got = kernels.select_topk(torch.from_numpy(v), k)
+    assert got.dtype == torch.int64
+    np.testing.assert_array_equal(got.numpy(), brute_topk(v, k))
+
+
+@settings(HYP, max_examples=max(1, 3 * _N_EX // 4))
+@given(magnitude_vectors())
+def test_kth_largest_magnitude_matches_sort(case):
+    v, k_drawn = case
+    if v.shape[0] == 0:
+        return
+    mags = np.sort(np.abs(v).astype(np.float64))[::-1]
+    for k in sorted({1, k_drawn, v.shape[0]} - {0}):
+        got = kth_largest_magnitude(v, k)
+        assert got == mags[k - 1], (k, got, mags[k - 1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_select_topk_large_with_ties_and_threads(dtype):
+    """Ties straddling the parallel parts: the earliest positions must win across parts."""
+    rng = np.random.default_rng(7)
+    n = 50_003
+    v = rng.choice(_TIE_POOL, n).astype(dtype)
+    v[::97] = _near_bits(rng, v[::97].shape[0], dtype)
+    t = torch.from_numpy(v)
+    for k in [1, 17, 4_999, n // 3, n // 2, n - 2, n - 1]:
+        ref = brute_topk(v, k)
+        np.testing.assert_array_equal(kernels.select_topk(t, k).numpy(), ref)
+        with num_threads(1):
+            np.testing.assert_array_equal(kernels.select_topk(t, k).numpy(), ref)
+        mags = np.sort(np.abs(v).astype(np.float64))[::-1]
+        assert kth_largest_magnitude(v, k) == mags[k - 1]
+
+
+def test_select_topk_input_checks():
+    t = torch.tensor([1.0, -2.0, 0.5])
+    np.testing.assert_array_equal(kernels.select_topk(t, 3).numpy(), [0, 1, 2])
+    for k in (-1, 4):
+        with pytest.raises(ValueError, match=rf"k={k} is out of range \[0, 3\]"):
+            kernels.select_topk(t, k)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in DTYPES:
+            with pytest.raises(ValueError, match=r"NaN or Inf"):
+                kernels.select_topk(torch.tensor([1.0, bad, 0.5], dtype=dtype), 1)
+    with pytest.raises(ValueError, match=r"must be 1-D"):
+        kernels.select_topk(torch.ones(2, 3), 1)
+    with pytest.raises(TypeError, match=r"values has dtype torch\.int64"):
+        kernels.select_topk(torch.tensor([3, 1, 2]), 1)
+    # non-contiguous input is read correctly
+    base = torch.tensor([5.0, 0.0, -1.0, 0.0, 4.0, 0.0, -4.0, 0.0])
+    np.testing.assert_array_equal(kernels.select_topk(base[::2], 2).numpy(), [0, 2])
+    # empty input, k = 0
+    assert kernels.select_topk(torch.empty(0), 0).numel() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# init_values
+# --------------------------------------------------------------------------------------------
+
+KINDS = [("uniform", 0.25), ("normal", 0.05)]
+
+
+def iv(key, idx, kind, param, dtype=torch.float64):
+    if not isinstance(idx, torch.Tensor):
+        idx = torch.as_tensor(np.asarray(idx, np.int64))
+    return kernels.init_values(key, idx, kind=kind, param=param, dtype=dtype)
+
+
+@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_init_values_independent_of_chunking_order_and_threads(kind, param, dtype):
+    rng = np.random.default_rng(8)
+    key, n = 0x1234_5678_9ABC, 60_000
+    whole = iv(key, np.arange(n), kind, param, dtype)
+    assert whole.dtype == dtype and whole.shape == (n,)
+    assert torch.equal(whole, iv(key, np.arange(n), kind, param, dtype))  # deterministic
+    # piecewise, pieces evaluated in shuffled order
+    cuts = np.sort(rng.choice(np.arange(1, n), 25, replace=False))
+    pieces = np.split(np.arange(n), cuts)
+    got = torch.empty_like(whole)
+    for j in rng.permutation(len(pieces)):
+        got[torch.from_numpy(pieces[j])] = iv(key, pieces[j], kind, param, dtype)
+    assert torch.equal(got, whole)
+    # one call over a permutation (with repeats) and over a strided index tensor
+    perm = np.concatenate([rng.permutation(n), rng.integers(0, n, 100)])
+    assert torch.equal(iv(key, perm, kind, param, dtype), whole[torch.from_numpy(perm)])
+    strided = torch.arange(2 * n, dtype=torch.int64)[::2] // 2
+    assert torch.equal(iv(key, strided, kind, param, dtype), whole)
+    with num_threads(1):
+        assert torch.equal(iv(key, np.arange(n), kind, param, dtype), whole)
+
+
+@pytest.mark.parametrize("kind,param", KINDS)
+def test_init_values_float32_is_rounded_float64(kind, param):
+    idx = np.arange(100_000)
+    v64 = iv(99, idx, kind, param, torch.float64)
+    v32 = iv(99, idx, kind, param, torch.float32)
+    assert torch.equal(v32, v64.to(torch.float32))
+
+
+def test_init_uniform_bounds_and_distribution():
+    b = 1.0 / math.sqrt(300.0)
+    idx = np.arange(200_000)
+    v = iv(2024, idx, "uniform", b).numpy()
+    assert np.all(v > -b) and np.all(v < b)
+    v32 = iv(2024, idx, "uniform", b, torch.float32).numpy()
+    assert np.all(np.abs(v32) <= np.float32(b))
+    assert stats.kstest(v, "uniform", args=(-b, 2 * b)).pvalue > 1e-3
+    # far away in index space the law is the same
+    far = iv(2024, 2**40 + idx, "uniform", b).numpy()
+    assert stats.kstest(far, "uniform", args=(-b, 2 * b)).pvalue > 1e-3
+    # consecutive indices are uncorrelated (counter-based hash, not a weak LCG)
+    assert abs(np.corrcoef(v[:-1], v[1:])[0, 1]) < 5 / math.sqrt(v.size)
+
+
+def test_init_normal_distribution():
+    std = 0.02
+    idx = np.arange(200_000)
+    v = iv(77, idx, "normal", std).numpy()
+    assert np.all(np.isfinite(v))
+    assert stats.kstest(v, "norm", args=(0.0, std)).pvalue > 1e-3
+    far = iv(77, 2**40 + idx, "normal", std).numpy()
+    assert stats.kstest(far, "norm", args=(0.0, std)).pvalue > 1e-3
+    assert abs(np.corrcoef(v[:-1], v[1:])[0, 1]) < 5 / math.sqrt(v.size)
+
+
+@pytest.mark.parametrize("kind,param", KINDS)
+def test_init_different_keys_give_different_streams(kind, param):
+    idx = np.arange(20_000)
+    keys = [0, 1, 2, 12345, 2**32, 2**63, 2**64 - 1]
+    streams = [iv(k, idx, kind, param).numpy() for k in keys]
+    for a in range(len(keys)):
+        for b in range(a + 1, len(keys)):
+            sa, sb = streams[a], streams[b]
+            assert np.mean(sa == sb) < 1e-3, (keys[a], keys[b])
+            assert abs(np.corrcoef(sa, sb)[0, 1]) < 5 / math.sqrt(idx.size), (keys[a], keys[b])
+
+
+@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_init_values_at_huge_indices(kind, param, dtype):
+    for base in (2**31 - 3, 2**32 - 3, 2**40, 2**62, 2**63 - 1000):
+        idx = base + np.arange(1000)
+        a = iv(5, idx, kind, param, dtype)
+        assert bool(torch.isfinite(a).all())
+        assert torch.equal(a, iv(5, idx, kind, param, dtype))
+        assert torch.equal(a[500:], iv(5, idx[500:], kind, param, dtype))
+        assert torch.equal(a.flip(0), iv(5, idx[::-1].copy(), kind, param, dtype))
+        assert torch.unique(a).numel() > 990      # a real stream, not a constant
+        if kind == "uniform":
+            assert bool((a.abs() <= param).all())
+
+
+def test_init_values_unsupported_dtype_not_silently_float64():
+    """dtype is float32 or float64; anything else must raise, not quietly give float64."""
+    for bad in (torch.float16, torch.bfloat16, torch.int64):
+        try:
+            v = kernels.init_values(1, torch.arange(10), param=1.0, dtype=bad)
+        except (TypeError, ValueError):
+            continue
+        assert v.dtype == bad, f"asked for {bad}, got {v.dtype}"
+
+
+# --------------------------------------------------------------------------------------------
+# scan
+# --------------------------------------------------------------------------------------------
+
+def brute_scan(key, n_total, floor, kind, param, dtype, skip=None):
+    vals = iv(key, np.arange(n_total), kind, param, dtype).numpy().astype(np.float64)
+    hits = np.flatnonzero(np.abs(vals) >= floor)
+    if skip is not None:
+        hits = np.setdiff1d(hits, np.asarray(skip), assume_unique=False)
+    return hits.astype(np.int64), vals
+
+
+def _floors(kind, param, vals):
+    """Floors in units of the distribution, plus exact boundaries taken from the data."""
+    rel = [0.0, 1e-3, 0.5, 0.97] if kind == "uniform" else [0.0, 0.01, 1.0, 3.0, 4.3]
+    fl = [r * param for r in rel]
+    if kind == "uniform":
+        fl.append(1.01 * param)  # nothing can reach it
+    mags = np.sort(np.abs(vals))[::-1]
+    fl += [float(mags[7]), float(mags[len(mags) // 3])]  # floor == some |theta0| exactly
+    return fl
+
+
+@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scan_matches_brute_force(kind, param, dtype):
+    key, n_total = 31337, 100_003
+    rng = np.random.default_rng(9)
+    _, vals = brute_scan(key, n_total, 0.0, kind, param, dtype)
+    for floor in _floors(kind, param, vals):
+        ref, _ = brute_scan(key, n_total, floor, kind, param, dtype)
+        # skip: half of the hits, some non-hits, duplicates, and indices outside the range
+        skip = np.concatenate([rng.choice(ref, ref.size // 2, replace=False) if ref.size else [],
+                               rng.integers(0, n_total, 500), [n_total, n_total + 7, 2**40],
+                               ref[:3]]).astype(np.int64)
+        skip = np.sort(skip)
+        ref_skip = np.setdiff1d(ref, skip)
+        for chunk in (997, 8_192 + 5, 1 << 26):
+            got = kernels.scan(key, n_total, floor, kind=kind, param=param, dtype=dtype,
+                               chunk=chunk)
+            assert got.dtype == torch.int64
+            np.testing.assert_array_equal(got.numpy(), ref, err_msg=f"floor={floor} chunk={chunk}")
+            got = kernels.scan(key, n_total, floor, kind=kind, param=param, dtype=dtype,
+                               chunk=chunk, skip=torch.from_numpy(skip))
+            np.testing.assert_array_equal(got.numpy(), ref_skip,
+                                          err_msg=f"skip, floor={floor} chunk={chunk}")
+
+
+def test_scan_boundary_floor_is_inclusive():
+    key, n_total = 4, 50_000
+    for kind, param in KINDS:
+        for dtype in DTYPES:
+            _, vals = brute_scan(key, n_total, 0.0, kind, param, dtype)
+            j = int(np.argsort(np.abs(vals))[-10])
+            floor = abs(float(vals[j]))
+            got = kernels.scan(key, n_total, floor, kind=kind, param=param, dtype=dtype).numpy()
+            assert j in got
+            assert got.size == int(np.sum(np.abs(vals) >= floor)) == 10
+
+
+def test_scan_overflow_path(monkeypatch):
+    """Force the per-part capacity estimate far too low (P(hit) estimated as 0, so cap=256)
+    while most entries hit: every part must take the exact re-scan path."""
+    key, n_total, param = 8, 100_000, 1.0
+    calls = {"redo": 0}
+    real_kernel = init_mod._scan_kernel
+
+    def counting_kernel(*args):
+        if args[3] == 1:   # nparts == 1: the overflow re-scan of one part
+            calls["redo"] += 1
+        return real_kernel(*args)
+
+    monkeypatch.setattr(init_mod, "magnitude_cdf", lambda t, kind, p: 1.0)
+    monkeypatch.setattr(init_mod, "_scan_kernel", counting_kernel)
+    for kind, dtype in [("uniform", torch.float32), ("normal", torch.float64)]:
+        floor = 0.05 * param
+        ref, _ = brute_scan(key, n_total, floor, kind, param, dtype)
+        assert ref.size > 0.9 * n_total
+        skip = np.sort(np.random.default_rng(1).choice(n_total, 3000, replace=False))
+        for chunk, sk in [(1 << 26, None), (9_973, skip)]:
+            before = calls["redo"]
+            got = kernels.scan(key, n_total, floor, kind=kind, param=param, dtype=dtype,
+                               chunk=chunk, skip=None if sk is None else torch.from_numpy(sk))
+            want = ref if sk is None else np.setdiff1d(ref, sk)
+            np.testing.assert_array_equal(got.numpy(), want)
+            assert calls["redo"] > before, "overflow path was not exercised"
+
+
+def test_scan_low_floor_most_entries_hit():
+    key, n_total = 3, 100_000
+    for kind, param in KINDS:
+        floor = 1e-4 * param
+        ref, _ = brute_scan(key, n_total, floor, kind, param, torch.float32)
+        assert ref.size > 0.99 * n_total
+        got = kernels.scan(key, n_total, floor, kind=kind, param=param, chunk=997)
+        np.testing.assert_array_equal(got.numpy(), ref)
+
+
+def test_scan_unsorted_skip():
+    """``skip`` is documented as 'not in skip' (no ordering requirement in the public API), so an
+    unsorted skip must either be honoured or rejected. Today it silently yields wrong results:
+    the kernel walks skip with a merge pointer that assumes ascending order."""
+    key, n_total, param = 1, 5_000, 1.0
+    ref, _ = brute_scan(key, n_total, 0.5, "uniform", param, torch.float64)
+    skip = torch.from_numpy(ref[:40][::-1].copy())   # descending
+    try:
+        got = kernels.scan(key, n_total, 0.5, param=param, dtype=torch.float64, skip=skip)
+    except ValueError:
+        return
+    np.testing.assert_array_equal(got.numpy(), np.setdiff1d(ref, ref[:40]))
+
+
+def test_scan_edge_cases_and_threads():
+    assert kernels.scan(1, 0, 0.0, param=1.0).numel() == 0
+    np.testing.assert_array_equal(kernels.scan(1, 5, 0.0, param=1.0).numpy(), np.arange(5))
+    np.testing.assert_array_equal(
+        kernels.scan(1, 5, 0.0, param=1.0, skip=torch.tensor([0, 3])).numpy(), [1, 2, 4])
+    with pytest.raises(ValueError, match=r"n_total must be >= 0"):
+        kernels.scan(1, -1, 0.0, param=1.0)
+    for kind, param in KINDS:
+        a = kernels.scan(17, 200_000, 0.8 * param, kind=kind, param=param, chunk=30_011)
+        with num_threads(1):
+            b = kernels.scan(17, 200_000, 0.8 * param, kind=kind, param=param, chunk=30_011)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad_chunk", [0, -1])
+def test_scan_rejects_non_positive_chunk(bad_chunk):
+    """chunk=-1 today makes range(0, n_total, -1) empty: scan silently returns no indices."""
+    with pytest.raises(ValueError):
+        kernels.scan(1, 100, 0.0, param=1.0, chunk=bad_chunk)
+
+
+def test_scan_three_billion():
+    """n_total = 3e9 (past 2**31) with a high floor: everything returned is a real hit, sorted,
+    unique and in range; complete on windows at the start, across the int32 limit and at the
+    end; and the count matches the Binomial expectation."""
+    key, n_total, param = 0xC0FFEE, 3 * 10**9, 1.0
+    p = 1e-5
+    floor = (1.0 - p) * param
+    got = kernels.scan(key, n_total, floor, kind="uniform", param=param,
+                       dtype=torch.float32).numpy()
+    assert got.dtype == np.int64
+    assert np.all(np.diff(got) > 0)
+    assert got[0] >= 0 and got[-1] < n_total
+    vals = iv(key, got, "uniform", param, torch.float32).numpy().astype(np.float64)
+    assert np.all(np.abs(vals) >= floor)
+    # P(|U(-1,1)| >= 1-p) = p (the float32 rounding of values this close to 1 moves it <1e-7)
+    mean, sd = n_total * p, math.sqrt(n_total * p)
+    assert abs(got.size - mean) < 6 * sd, (got.size, mean)
+    for lo in (0, 2**31 - 500_000, n_total - 1_000_000):
+        win = np.arange(lo, lo + 1_000_000)
+        v = iv(key, win, "uniform", param, torch.float32).numpy().astype(np.float64)
+        want = win[np.abs(v) >= floor]
+        have = got[(got >= lo) & (got < lo + 1_000_000)]
+        np.testing.assert_array_equal(have, want)
+
+
+# --------------------------------------------------------------------------------------------
+# backend dispatch
+# --------------------------------------------------------------------------------------------
+
+def test_backend_name():
+    assert isinstance(kernels.backend_name("cpu"), str) and kernels.backend_name("cpu")
+    assert kernels.backend_name(torch.device("cpu")) == kernels.backend_name("cpu")
+    assert kernels.backend_name() == kernels.backend_name("cpu")
+    for dev in ("cuda", "cuda:0", "meta"):
+        with pytest.raises(NotImplementedError, match=r"no kernel backend"):
+            kernels.backend_name(dev)
+
+
+def test_non_cpu_tensors_are_routed_to_the_dispatch_point():
+    with pytest.raises(NotImplementedError, match=r"no kernel backend for device meta"):
+        kernels.select_topk(torch.empty(5, device="meta"), 2)
+    with pytest.raises(NotImplementedError, match=r"no kernel backend for device meta"):
+        kernels.init_values(1, torch.arange(4, device="meta"), param=1.0)
