@@ -98,6 +98,12 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: tor
             raise ValueError(f"gt has n={gt.shape[1]} columns but xt has n={xt.shape[1]}")
         if theta is not None and (theta.numel() != indices.numel() or theta.dtype != gt.dtype):
             raise ValueError(f"theta must have {indices.numel()} entries of {gt.dtype}")
+    if out is not None:  # checked even with check=False: the kernel writes through it
+        if (out.dim() != 1 or out.numel() != indices.numel() or out.dtype != gt.dtype
+                or not out.is_contiguous() or out.device.type != "cpu"):
+            raise ValueError(f"out must be a contiguous 1-D CPU tensor of {indices.numel()} "
+                             f"{gt.dtype} values; got shape {tuple(out.shape)}, {out.dtype}, "
+                             f"contiguous={out.is_contiguous()}, device {out.device}")
     o = None if out is None else _np(out, "out")
     th = None if theta is None else _np(theta, "theta")
     r = _sddmm.sddmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(gt, "gt"),
@@ -116,19 +122,41 @@ def select_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(_select.select_topk(v, int(k)))
 
 
+def _np_float(dtype: torch.dtype):
+    if dtype == torch.float32:
+        return np.float32
+    if dtype == torch.float64:
+        return np.float64
+    raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+
+
+def _kind(kind: str) -> int:
+    if kind not in _init.KINDS:
+        raise ValueError(f"kind must be one of {sorted(_init.KINDS)}, got {kind!r}")
+    return _init.KINDS[kind]
+
+
 def init_values(key: int, flat_idx: torch.Tensor, *, kind: str = "uniform", param: float,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """theta0(key, i) at the given flat indices (see :mod:`sparsecore.kernels.init`)."""
-    nd = np.float32 if dtype == torch.float32 else np.float64
+    nd = _np_float(dtype)
     return torch.from_numpy(_init.init_values(key, _np(flat_idx, "flat_idx"),
-                                              _init.KINDS[kind], param, nd))
+                                              _kind(kind), param, nd))
 
 
 def scan(key: int, n_total: int, floor: float, *, kind: str = "uniform", param: float,
          dtype: torch.dtype = torch.float32, skip: torch.Tensor | None = None,
          chunk: int = 1 << 26) -> torch.Tensor:
-    """Sorted flat indices in [0, n_total) with |theta0| >= floor, not in ``skip``."""
-    nd = np.float32 if dtype == torch.float32 else np.float64
-    sk = None if skip is None else _np(skip, "skip")
-    return torch.from_numpy(_init.scan(key, n_total, floor, _init.KINDS[kind], param,
+    """Sorted flat indices in [0, n_total) with |theta0| >= floor, not in ``skip``
+    (any order; duplicates allowed). ``chunk`` coordinates are streamed at a time."""
+    nd = _np_float(dtype)
+    k = _kind(kind)
+    if not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    sk = None
+    if skip is not None:
+        sk = _np(skip, "skip").astype(np.int64, copy=False)
+        if sk.size > 1 and not (np.diff(sk) > 0).all():
+            sk = np.unique(sk)
+    return torch.from_numpy(_init.scan(key, n_total, floor, k, param,
                                        dtype=nd, skip=sk, chunk=chunk))

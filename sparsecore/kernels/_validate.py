@@ -34,6 +34,8 @@ def check_csr(indptr: torch.Tensor, indices: torch.Tensor, n_rows: int, n_cols: 
         raise TypeError(f"{name} row pointers have dtype {indptr.dtype}; expected torch.int64")
     if indices.dtype != torch.int32:
         raise TypeError(f"{name} column indices have dtype {indices.dtype}; expected torch.int32")
+    if indptr.numel() == 0 or n_rows < 0:
+        raise ValueError(f"{name} row pointers are empty; they need rows+1 >= 1 entries")
     if indptr.dim() != 1 or indptr.numel() != n_rows + 1:
         raise ValueError(f"{name} row pointers have shape {tuple(indptr.shape)}; "
                          f"expected ({n_rows + 1},) for {n_rows} rows")
