@@ -10,6 +10,7 @@ optimizer) before changing anything, so a corrupt or mismatched file raises
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -49,6 +50,12 @@ def _jsonable(v, where):
     return v
 
 
+def _digest(t: torch.Tensor) -> str:
+    """blake2b of a tensor's bytes (detects silent corruption of tensor data)."""
+    return hashlib.blake2b(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy(),
+                           digest_size=16).hexdigest()
+
+
 def save(model: torch.nn.Module, path, optimizer: torch.optim.Optimizer | None = None,
          extra: dict | None = None) -> None:
     """Write ``model`` (and ``optimizer``) to ``path`` atomically (temp file + rename).
@@ -59,8 +66,9 @@ def save(model: torch.nn.Module, path, optimizer: torch.optim.Optimizer | None =
               "sparsecore": __version__, "torch": torch.__version__,
               "model_class": type(model).__name__, "configs": configs,
               "extra": _jsonable(extra, "extra") if extra is not None else None,
-              "step_count": getattr(model, "step_count", None) if hasattr(model, "_opt_order")
-              and model._opt_order else None}
+              "step_count": getattr(model, "step_count", None),
+              "stats": {n: dict(m.stats) for n, m in model.named_modules()
+                        if isinstance(m, TopKASTLinear)}}
     if optimizer is not None:
         sd = optimizer.state_dict()
         scalars = {}
@@ -80,6 +88,7 @@ def save(model: torch.nn.Module, path, optimizer: torch.optim.Optimizer | None =
             v = v.clone()
         seen.add(ptr)
         final[k] = v
+    header["digests"] = {k: _digest(v) for k, v in final.items()}
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".sparsecore-", suffix=".tmp")
@@ -110,6 +119,12 @@ def _read(path):
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported format {header.get('format')!r} "
                               f"version {header.get('format_version')!r}")
+    digests = header.get("digests")
+    if not isinstance(digests, dict) or set(digests) != set(tensors):
+        raise CheckpointError(f"{path}: tensor digests missing or not matching the tensors")
+    for k, v in tensors.items():
+        if _digest(v) != digests[k]:
+            raise CheckpointError(f"{path}: tensor {k!r} is corrupt (checksum mismatch)")
     return tensors, header
 
 
@@ -184,7 +199,14 @@ def load(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
     model.load_state_dict(sd)
     if opt_sd is not None:
         optimizer.load_state_dict(opt_sd)
-        if header.get("step_count") is not None and getattr(model, "_opt_order", None) \
-                and model._opt_order[0] == id(optimizer):
-            model.step_count = header["step_count"]
+    for n, m in model.named_modules():
+        if isinstance(m, TopKASTLinear) and n in (header.get("stats") or {}):
+            m.stats.update(header["stats"][n])
+    steps = header.get("step_count")
+    order = getattr(model, "_opt_order", None)
+    if steps is not None and order is not None:
+        # the schedule belongs to the first attached optimizer; before any attach the
+        # count is kept and applied by attach()
+        if not order or optimizer is None or order[0] == id(optimizer):
+            model.step_count = steps
     return header.get("extra")

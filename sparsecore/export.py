@@ -17,6 +17,11 @@ from .layers import TopKASTConv2d, TopKASTLinear
 
 
 def _layers(model: nn.Module) -> dict[str, TopKASTLinear]:
+    """Top-KAST layers by name; for a SparseModel, names inside the wrapped module
+    (the names of ``SparseModel.sparse_layers()`` and ``stats()``)."""
+    from .model import SparseModel
+    if isinstance(model, SparseModel):
+        model = model.module
     found = {n: m for n, m in model.named_modules() if isinstance(m, TopKASTLinear)}
     if not found:
         raise ValueError("model contains no Top-KAST layer")
@@ -29,7 +34,8 @@ def forward_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     for n, l in _layers(model).items():
         out[n] = torch.sparse_csr_tensor(l.a_indptr.clone(), l.a_cols.to(torch.int64),
                                          l.values.detach()[: l.k_a].clone(),
-                                         size=(l.out_features, l.in_features))
+                                         size=(l.out_features, l.in_features),
+                                         check_invariants=False)
     return out
 
 

@@ -102,13 +102,18 @@ class TopKASTLinear(nn.Module):
         self.stats = {"refreshes": 0, "replenishes": 0, "changed_a": 0.0, "changed_b": 0.0,
                       "entered_a_from_outside_b": 0, "scanned_added": 0}
 
+        with torch.device(device):  # a surrounding `with torch.device("meta")` must not leak in
+            self._build(dtype, bias, seed, name)
+
+    def _build(self, dtype, bias: bool, seed: int, name: str) -> None:
+        """Construction: the streaming scan from an empty pool (floor = inf)."""
         np_dtype = np.float32 if dtype == torch.float32 else np.float64
         key = layer_key(seed, name)
         empty_i = np.empty(0, np.int64)
         res = refresh_pool(empty_i, empty_i, np.empty(0, np_dtype), empty_i,
                            np.empty(0, np_dtype), math.inf, k_a=self.k_a, k_b=self.k_b,
                            n_total=self.n_total, reserve_target=self._reserve_target(),
-                           spec=InitSpec(key, _init.KINDS[init], self.init_scale, np_dtype),
+                           spec=InitSpec(key, _init.KINDS[self.init], self.init_scale, np_dtype),
                            name=name or "TopKASTLinear")
         self.values = nn.Parameter(torch.from_numpy(res.values))
         self.bias = nn.Parameter(self._init_bias(dtype, key)) if bias else None
@@ -154,7 +159,7 @@ class TopKASTLinear(nn.Module):
         for nm, arr in (("a_indptr", a_indptr), ("a_cols", a_cols), ("x_indptr", x_indptr),
                         ("x_cols", x_cols), ("reserve_idx", r_flat), ("reserve_val", r_val)):
             self.register_buffer(nm, t(np.ascontiguousarray(arr)))
-        self.register_buffer("floor", torch.tensor(float(floor), dtype=torch.float64))
+        self.register_buffer("floor", torch.tensor(float(floor), dtype=torch.float64, device="cpu"))
         at = kernels.transpose_csr(self.a_indptr, self.a_cols, self.in_features, check=False)
         for nm, arr in zip(("at_indptr", "at_rows", "at_perm"), at):
             self.register_buffer(nm, arr, persistent=False)
@@ -382,7 +387,9 @@ class TopKASTLinear(nn.Module):
 
 
 def _pair(v, name: str) -> tuple[int, int]:
-    t = (v, v) if isinstance(v, int) else tuple(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    t = tuple(v) if isinstance(v, (tuple, list)) else ()
     if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
     return t

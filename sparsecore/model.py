@@ -104,18 +104,20 @@ class SparseModel(nn.Module):
             except (TypeError, ValueError) as e:
                 raise type(e)(f"layer {n!r}: {e}") from None
 
-        # 1. materialise the dense part first (sparse layers are built on CPU below)
-        self._materialise(module, exclude_prefixes=chosen)
-        # 2. replace the chosen layers
-        for name in sorted(chosen):
-            old = module.get_submodule(name)
-            new = self._build(old, name, per_layer[name])
-            parent_name, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent_name) if parent_name else module, attr, new)
+        with torch.device("cpu"):  # even inside a user's `with torch.device("meta")`
+            # 1. materialise the dense part first (sparse layers are built on CPU below)
+            self._materialise(module, exclude_prefixes=chosen)
+            # 2. replace the chosen layers
+            for name in sorted(chosen):
+                old = module.get_submodule(name)
+                new = self._build(old, name, per_layer[name])
+                parent_name, _, attr = name.rpartition(".")
+                setattr(module.get_submodule(parent_name) if parent_name else module, attr, new)
         self.module = module
         self._hooks: dict[int, tuple] = {}
         self._steps: dict[int, int] = {}
         self._opt_order: list[int] = []
+        self._pending_steps = 0
 
     # ---------------------------------------------------------------- building
     def _materialise(self, module: nn.Module, exclude_prefixes: set[str]) -> None:
@@ -168,12 +170,16 @@ class SparseModel(nn.Module):
     @property
     def step_count(self) -> int:
         """Optimizer steps seen by the first attached optimizer."""
-        return self._steps[self._opt_order[0]] if self._opt_order else 0
+        return self._steps[self._opt_order[0]] if self._opt_order else self._pending_steps
 
     @step_count.setter
     def step_count(self, value: int) -> None:
+        """Set the step count of the first attached optimizer; before any attach,
+        the value is kept and given to the first optimizer attached (so a
+        checkpoint can be loaded before or after :meth:`attach`)."""
         if not self._opt_order:
-            raise RuntimeError("no optimizer attached")
+            self._pending_steps = int(value)
+            return
         self._steps[self._opt_order[0]] = int(value)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "SparseModel":
@@ -196,7 +202,8 @@ class SparseModel(nn.Module):
         oid = id(optimizer)
         handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt))
         self._hooks[oid] = (optimizer, handle)
-        self._steps[oid] = 0
+        self._steps[oid] = self._pending_steps if not self._opt_order else 0
+        self._pending_steps = 0
         self._opt_order.append(oid)
         return self
 

@@ -3,7 +3,8 @@
 Only the stored positions are computed: the dense G^T X is never formed. With
 feature-major activations (gt (out, n), xt (in, n)) each entry is a dot product of
 two contiguous rows. One thread owns each CSR row, so results do not depend on
-the thread count; sums accumulate in the activations' dtype. The Top-KAST
+the thread count; W's columns are walked in L2-sized tiles (fastest when column
+indices ascend within each row; any order is correct); sums accumulate in the activations' dtype. The Top-KAST
 exploration term is fused: ``out[k] += reg * theta[k]`` with one coefficient
 per call (the engine calls once for A and once for B minus A).
 """
@@ -13,38 +14,67 @@ import numba as nb
 import numpy as np
 
 
+_L2_TILE_BYTES = 384 * 1024   # target size of the xt tile kept in L2 per thread
+
+
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def _sddmm_kernel(indptr, indices, gt, xt, theta, reg, zero, out):
+def _sddmm_kernel(indptr, indices, gt, xt, theta, reg, zero, out, T, RB):
+    """Rows are split into blocks of RB (one thread each); within a block W's
+    columns are walked in tiles of T so the touched rows of ``xt`` stay in L2
+    while every row of the block reuses them. Four stored values share each
+    load of ``gt[row]``."""
     nrows = indptr.shape[0] - 1
+    ncols = xt.shape[0]
     n = gt.shape[1]
     use_reg = reg != 0.0
-    for r in nb.prange(nrows):
-        g = gt[r]
-        k = indptr[r]
-        e = indptr[r + 1]
-        while k + 2 <= e:
-            x0 = xt[indices[k]]
-            x1 = xt[indices[k + 1]]
-            s0 = zero
-            s1 = zero
-            for j in range(n):
-                gj = g[j]
-                s0 += gj * x0[j]
-                s1 += gj * x1[j]
-            if use_reg:
-                s0 += reg * theta[k]
-                s1 += reg * theta[k + 1]
-            out[k] = s0
-            out[k + 1] = s1
-            k += 2
-        if k < e:
-            x0 = xt[indices[k]]
-            s0 = zero
-            for j in range(n):
-                s0 += g[j] * x0[j]
-            if use_reg:
-                s0 += reg * theta[k]
-            out[k] = s0
+    nblk = (nrows + RB - 1) // RB
+    for b in nb.prange(nblk):
+        r0 = b * RB
+        r1 = min(r0 + RB, nrows)
+        cur = indptr[r0:r1].copy()
+        for c1 in range(T, ncols + T, T):
+            for r in range(r0, r1):
+                k = cur[r - r0]
+                e = indptr[r + 1]
+                k1 = k
+                while k1 < e and indices[k1] < c1:
+                    k1 += 1
+                cur[r - r0] = k1
+                g = gt[r]
+                while k + 4 <= k1:
+                    x0 = xt[indices[k]]
+                    x1 = xt[indices[k + 1]]
+                    x2 = xt[indices[k + 2]]
+                    x3 = xt[indices[k + 3]]
+                    s0 = zero
+                    s1 = zero
+                    s2 = zero
+                    s3 = zero
+                    for j in range(n):
+                        gj = g[j]
+                        s0 += gj * x0[j]
+                        s1 += gj * x1[j]
+                        s2 += gj * x2[j]
+                        s3 += gj * x3[j]
+                    if use_reg:
+                        s0 += reg * theta[k]
+                        s1 += reg * theta[k + 1]
+                        s2 += reg * theta[k + 2]
+                        s3 += reg * theta[k + 3]
+                    out[k] = s0
+                    out[k + 1] = s1
+                    out[k + 2] = s2
+                    out[k + 3] = s3
+                    k += 4
+                while k < k1:
+                    x0 = xt[indices[k]]
+                    s0 = zero
+                    for j in range(n):
+                        s0 += g[j] * x0[j]
+                    if use_reg:
+                        s0 += reg * theta[k]
+                    out[k] = s0
+                    k += 1
 
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
@@ -59,5 +89,11 @@ def sddmm(indptr: np.ndarray, indices: np.ndarray, gt: np.ndarray, xt: np.ndarra
         out = np.empty(nnz, dtype=gt.dtype)
     if theta is None:
         theta, reg = _EMPTY[np.dtype(gt.dtype)], 0.0
-    _sddmm_kernel(indptr, indices, gt, xt, theta, float(reg), gt.dtype.type(0), out)
+    nrows = indptr.shape[0] - 1
+    if nrows == 0 or nnz == 0:
+        return out
+    n = gt.shape[1]
+    tile = max(64, _L2_TILE_BYTES // max(1, n * gt.itemsize))
+    rb = max(16, -(-nrows // (4 * nb.get_num_threads())))
+    _sddmm_kernel(indptr, indices, gt, xt, theta, float(reg), gt.dtype.type(0), out, tile, rb)
     return out

@@ -7,6 +7,13 @@ next 16 bits inside that bucket, and so on. The winners are every position with
 magnitude above the threshold plus the first positions (in array order) that equal
 it; the caller keeps arrays sorted by flat index, so array order is flat-index
 order and "ties go to the smaller flat index" holds.
+
+For large arrays a cheaper route runs first (two reads of the keys instead of
+four): a strided sample of 32768 keys brackets the threshold, one pass counts the
+keys above the bracket and compacts the positions inside it, the exact threshold
+is selected among those candidates, and one pass writes the winners. If the
+bracket misses (rare; e.g. very many equal magnitudes overflow the candidate
+buffers) the exact histogram route above is used, so results are identical.
 """
 from __future__ import annotations
 
@@ -39,6 +46,48 @@ def _histogram(keys, absmask, shift, prefix, prefix_shift, nparts):
 
 
 @nb.njit(parallel=True, cache=True)
+def _write_pass(keys, absmask, thresh, nparts, offs, take, out):
+    """Part p writes, from out[offs[p]] on and in ascending order, its positions
+    with key > thresh and its first take[p] positions with key == thresh.
+    Branch-free on the comparison (every position is stored, the cursor only
+    advances for winners), and a part stops as soon as its winners are written."""
+    n = keys.shape[0]
+    part = (n + nparts - 1) // nparts
+    for p in nb.prange(nparts):
+        s = p * part
+        e = min(s + part, n)
+        o = offs[p]
+        end = offs[p + 1]
+        t = take[p]
+        if o == end:
+            continue
+        for i in range(s, e):
+            k = keys[i] & absmask
+            eq = k == thresh
+            win = (k > thresh) | (eq & (t > 0))
+            t -= np.int64(eq)
+            out[o] = i
+            o += np.int64(win)
+            if o == end:
+                break
+
+
+@nb.njit(cache=True)
+def _offsets(above, equal, n_ties):
+    """Ties allowed per part (earlier parts first) and each part's output offset."""
+    nparts = above.shape[0]
+    take = np.zeros(nparts, np.int64)
+    offs = np.zeros(nparts + 1, np.int64)
+    left = n_ties
+    for p in range(nparts):
+        t = min(left, equal[p])
+        take[p] = t
+        left -= t
+        offs[p + 1] = offs[p] + above[p] + t
+    return offs, take
+
+
+@nb.njit(parallel=True, cache=True)
 def _collect(keys, absmask, thresh, n_ties, nparts, out):
     """Write, in ascending order, positions with key > thresh and the first
     n_ties positions with key == thresh."""
@@ -59,29 +108,92 @@ def _collect(keys, absmask, thresh, n_ties, nparts, out):
                 q += 1
         above[p] = a
         equal[p] = q
-    # ties allowed per part (earlier parts first) and output offsets
-    take = np.zeros(nparts, np.int64)
-    offs = np.zeros(nparts + 1, np.int64)
-    left = n_ties
-    for p in range(nparts):
-        t = min(left, equal[p])
-        take[p] = t
-        left -= t
-        offs[p + 1] = offs[p] + above[p] + t
+    offs, take = _offsets(above, equal, n_ties)
+    _write_pass(keys, absmask, thresh, nparts, offs, take, out)
+
+
+@nb.njit(parallel=True, cache=True)
+def _bracket_pass(keys, absmask, lo, hi, nparts, cand, ccount, above):
+    """One read of the keys: per part p, above[p] = #keys > hi, and the positions
+    with lo <= key <= hi stored in cand[p] (ccount[p] = their true number, which
+    may exceed cand.shape[1]: the caller then falls back)."""
+    n = keys.shape[0]
+    part = (n + nparts - 1) // nparts
+    cap = cand.shape[1]
     for p in nb.prange(nparts):
         s = p * part
         e = min(s + part, n)
-        o = offs[p]
-        t = take[p]
+        a = 0
+        c = 0
         for i in range(s, e):
             k = keys[i] & absmask
-            if k > thresh:
-                out[o] = i
-                o += 1
-            elif k == thresh and t > 0:
-                out[o] = i
-                o += 1
-                t -= 1
+            a += np.int64(k > hi)
+            if k >= lo and k <= hi:
+                if c < cap:
+                    cand[p, c] = i
+                c += 1
+        above[p] = a
+        ccount[p] = c
+
+
+@nb.njit(parallel=True, cache=True)
+def _cand_counts(keys, absmask, thresh, cand, ccount, above):
+    """Per part: keys > thresh (above hi plus candidates above thresh) and == thresh."""
+    nparts = cand.shape[0]
+    gt = above.copy()
+    eq = np.zeros(nparts, np.int64)
+    for p in nb.prange(nparts):
+        a = 0
+        q = 0
+        for c in range(ccount[p]):
+            k = keys[cand[p, c]] & absmask
+            a += np.int64(k > thresh)
+            q += np.int64(k == thresh)
+        gt[p] += a
+        eq[p] = q
+    return gt, eq
+
+
+_SAMPLE = 32768
+
+
+def _select_sampled(keys, absmask, k, nparts):
+    """Two reads of the keys: a strided sample brackets the threshold key, one
+    pass counts the keys above the bracket and compacts those inside it, the
+    exact threshold is found among the candidates, and a second pass writes the
+    winners. Returns None when the bracket misses (the caller falls back)."""
+    n = keys.shape[0]
+    m = min(n, _SAMPLE)
+    samp = np.sort(keys[(np.arange(m, dtype=np.int64) * n) // m] & absmask)[::-1]
+    ks = k * m / n                       # expected rank of the threshold in the sample
+    delta = 6.0 * np.sqrt(ks * (1.0 - k / n)) + 16.0
+    r_hi = int(ks - delta)
+    r_lo = int(np.ceil(ks + delta))
+    hi = samp[r_hi] if r_hi >= 0 else absmask
+    lo = samp[r_lo] if r_lo < m else keys.dtype.type(0)
+    # expected candidates: those between the two sample ranks, with slack
+    part = -(-n // nparts)
+    frac = (min(r_lo, m) - max(r_hi, 0) + 1) / m
+    cap = min(part, int(part * frac * 1.5) + 4096)
+    cand = np.empty((nparts, cap), np.int64)
+    ccount = np.zeros(nparts, np.int64)
+    above = np.zeros(nparts, np.int64)
+    _bracket_pass(keys, absmask, lo, hi, nparts, cand, ccount, above)
+    if ccount.max() > cap:
+        return None
+    n_above = int(above.sum())
+    r = k - n_above                      # rank of the threshold among the candidates
+    nc = int(ccount.sum())
+    if r <= 0 or r > nc:
+        return None
+    ck = np.concatenate([keys[cand[p, :ccount[p]]] for p in range(nparts)]) & absmask
+    thresh = np.partition(ck, nc - r)[nc - r]
+    gt, eq = _cand_counts(keys, absmask, thresh, cand, ccount, above)
+    n_ties = k - int(gt.sum())
+    offs, take = _offsets(gt, eq, n_ties)
+    out = np.empty(k, np.int64)
+    _write_pass(keys, absmask, thresh, nparts, offs, take, out)
+    return out
 
 
 def _as_keys(values: np.ndarray):
@@ -129,9 +241,15 @@ def select_topk(values: np.ndarray, k: int) -> np.ndarray:
         return np.empty(0, np.int64)
     if k == n:
         return np.arange(n, dtype=np.int64)
+    keys, absmask = _as_keys(values)
+    nparts = 4 * nb.get_num_threads()
+    if n >= 4 * _SAMPLE:
+        out = _select_sampled(keys, absmask, int(k), nparts)
+        if out is not None:
+            return out
     thresh, n_ties, (keys, absmask) = topk_threshold(values, k)
     out = np.empty(k, np.int64)
-    _collect(keys, absmask, thresh, n_ties, 4 * nb.get_num_threads(), out)
+    _collect(keys, absmask, thresh, n_ties, nparts, out)
     return out
 
 
