@@ -5,6 +5,16 @@ Public API: :class:`TopKASTLinear`, :class:`TopKASTConv2d`, :class:`SparseModel`
 """
 from __future__ import annotations
 
+import os as _os
+
+# Numba's and torch's OpenMP runtimes keep separate thread pools whose idle threads
+# busy-wait; on a small machine each pool then starves the other (measured: a small
+# MLP step 45x slower). Passive waiting removes that. It applies to every OpenMP
+# runtime loaded after this line: always Numba's, and torch's too when sparsecore
+# is imported before torch. Set OMP_WAIT_POLICY yourself to override.
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 __version__ = "0.1.0"
 
 from .layers import TopKASTConv2d, TopKASTLinear  # noqa: E402

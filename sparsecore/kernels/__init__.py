@@ -14,6 +14,9 @@ raise :class:`NotImplementedError` here, the one place that would route them.
 """
 from __future__ import annotations
 
+import contextlib
+
+import numba as nb
 import numpy as np
 import torch
 
@@ -37,6 +40,25 @@ def backend_name(device: torch.device | str = "cpu") -> str:
         f"sparsecore has no kernel backend for device {dev} yet; only CPU is supported")
 
 
+# Below this many flops a product runs on the calling thread only: waking a
+# parallel region costs more than it saves, and on a busy machine the other
+# OpenMP pool (torch's) may still be spinning on the other cores.
+SERIAL_FLOPS = 1 << 20
+
+
+@contextlib.contextmanager
+def _threads_for(flops: int):
+    if flops >= SERIAL_FLOPS:
+        yield
+        return
+    prev = nb.get_num_threads()
+    nb.set_num_threads(1)
+    try:
+        yield
+    finally:
+        nb.set_num_threads(prev)
+
+
 def _np(t: torch.Tensor, name: str) -> np.ndarray:
     backend_name(t.device)
     return as_numpy(t, name)
@@ -53,8 +75,9 @@ def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
         check_dense(xt, "xt", values.dtype, rows=cols)
         if values.numel() != indices.numel():
             raise ValueError(f"values has {values.numel()} entries; W stores {indices.numel()}")
-    y = _spmm.spmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(values, "values"),
-                   _np(xt, "xt"))
+    with _threads_for(2 * indices.numel() * xt.shape[1]):
+        y = _spmm.spmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(values, "values"),
+                       _np(xt, "xt"))
     return torch.from_numpy(y)
 
 
@@ -79,8 +102,9 @@ def spmm_t(t_indptr: torch.Tensor, t_rows: torch.Tensor, t_perm: torch.Tensor,
             raise ValueError("t_perm must be int64 with one entry per stored value")
         if t_perm.numel() and (int(t_perm.min()) < 0 or int(t_perm.max()) >= values.numel()):
             raise IndexError(f"t_perm points outside values (length {values.numel()})")
-    d = _spmm_t.spmm_t(_np(t_indptr, "t_indptr"), _np(t_rows, "t_rows"), _np(t_perm, "t_perm"),
-                       _np(values, "values"), _np(gt, "gt"))
+    with _threads_for(2 * t_rows.numel() * gt.shape[1]):
+        d = _spmm_t.spmm_t(_np(t_indptr, "t_indptr"), _np(t_rows, "t_rows"),
+                           _np(t_perm, "t_perm"), _np(values, "values"), _np(gt, "gt"))
     return torch.from_numpy(d)
 
 
@@ -106,8 +130,9 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: tor
                              f"contiguous={out.is_contiguous()}, device {out.device}")
     o = None if out is None else _np(out, "out")
     th = None if theta is None else _np(theta, "theta")
-    r = _sddmm.sddmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(gt, "gt"),
-                     _np(xt, "xt"), th, reg, o)
+    with _threads_for(2 * indices.numel() * gt.shape[1]):
+        r = _sddmm.sddmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(gt, "gt"),
+                         _np(xt, "xt"), th, reg, o)
     return out if out is not None else torch.from_numpy(r)
 
 
