@@ -11,6 +11,7 @@ from torch import nn
 from . import kernels
 from .functional import SparsePlan, topkast_linear
 from .kernels import init as _init
+from .kernels import pool as _pool
 from .topkast import (InitSpec, RefreshError, csr_to_flat, flat_to_csr, layer_key,
                       refresh_pool, sizes)
 
@@ -240,14 +241,8 @@ class TopKASTLinear(nn.Module):
                            float(self.floor), k_a=self.k_a, k_b=self.k_b, n_total=self.n_total,
                            reserve_target=self._reserve_target(), spec=self._spec(),
                            name=name or self._name())
-        src = torch.from_numpy(res.src)
-        keep = src >= 0
-        src_keep = src[keep]
-
         def remap(t: torch.Tensor) -> torch.Tensor:
-            new = torch.zeros_like(t)
-            new[keep] = t[src_keep]
-            return new
+            return torch.from_numpy(_pool.gather_or_zero(t.detach().numpy(), res.src))
 
         staged = []  # everything computed before anything is written
         for opt in _optimizers(optimizer):

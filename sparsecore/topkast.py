@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import init as _init
+from .kernels import pool as _pool
 from .kernels import select as _select
 from .kernels.spmm_t import transpose_csr
 
@@ -50,12 +51,6 @@ class RefreshResult:
     scanned_added: int          # coordinates added to the pool by those scans
 
 
-def _merge(parts_flat, parts_val, parts_src):
-    flat = np.concatenate(parts_flat)
-    order = np.argsort(flat, kind="stable")  # runs of sorted input: near-linear merge
-    return flat[order], np.concatenate(parts_val)[order], np.concatenate(parts_src)[order]
-
-
 def _scan_floor(floor: float, need: int, n_total: int, spec: InitSpec) -> float:
     """A floor f < ``floor`` such that about ``need`` (with margin) coordinates with
     |theta0| in [f, floor) are expected among the n_total."""
@@ -77,10 +72,11 @@ def refresh_pool(a_flat, x_flat, values, r_flat, r_val, floor: float, *,
         bad = int(np.flatnonzero(~np.isfinite(values))[0])
         raise RefreshError(f"{name}: theta_B holds a non-finite value ({values[bad]}) at "
                            f"position {bad}; refusing to refresh (nothing was changed)")
-    kb_old = values.shape[0]
-    flat, val, src = _merge(
-        [a_flat, x_flat, r_flat], [values, r_val],
-        [np.arange(kb_old, dtype=np.int64), np.full(r_flat.shape[0], -1, np.int64)])
+    ka_old, kb_old = a_flat.shape[0], values.shape[0]
+    flat, val, src = _pool.merge_sorted([
+        (a_flat, values[:ka_old], np.arange(ka_old, dtype=np.int64)),
+        (x_flat, values[ka_old:], np.arange(ka_old, kb_old, dtype=np.int64)),
+        (r_flat, r_val, np.full(r_flat.shape[0], -1, np.int64))])
     replenished = 0
     added = 0
     while True:
@@ -94,8 +90,8 @@ def refresh_pool(a_flat, x_flat, values, r_flat, r_val, floor: float, *,
         new = _init.scan(spec.key, n_total, new_floor, spec.kind, spec.param,
                          dtype=spec.dtype, skip=flat)
         new_val = _init.init_values(spec.key, new, spec.kind, spec.param, spec.dtype)
-        flat, val, src = _merge([flat, new], [val, new_val],
-                                [src, np.full(new.shape[0], -1, np.int64)])
+        flat, val, src = _pool.merge_sorted([
+            (flat, val, src), (new, new_val, np.full(new.shape[0], -1, np.int64))])
         floor = float(new_floor)
         replenished += 1
         added += int(new.shape[0])
