@@ -6,6 +6,7 @@ Public API: :class:`TopKASTLinear`, :class:`TopKASTConv2d`, :class:`SparseModel`
 from __future__ import annotations
 
 import os as _os
+import sys as _sys
 
 # Numba's and torch's OpenMP runtimes keep separate thread pools whose idle threads
 # busy-wait; on a small machine each pool then starves the other (measured: a small
@@ -14,6 +15,14 @@ import os as _os
 # is imported before torch. Set OMP_WAIT_POLICY yourself to override.
 if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "torch" in _sys.modules:
+        import warnings as _warnings
+        _warnings.warn(
+            "sparsecore was imported after torch, so torch's OpenMP threads busy-wait and "
+            "compete with sparsecore's kernels (training steps measured up to 3x slower). "
+            "Import sparsecore before torch, or set OMP_WAIT_POLICY=PASSIVE in the "
+            "environment before starting Python (setting it to any value silences this).",
+            RuntimeWarning, stacklevel=2)
 
 __version__ = "0.1.0"
 
