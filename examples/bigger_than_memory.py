@@ -6,7 +6,7 @@ Four 40,000 x 40,000 linear layers hold 6.4 billion weights: 25.6 GB in float32,
 device (no memory), SparseModel builds the sparse layers by a streaming scan and
 materialises the small dense parts (LayerNorm, biases) on the CPU.
 
-    python examples/bigger_than_memory.py        # ~30 s on 2 cores, < 1 GB RSS
+    python examples/bigger_than_memory.py        # ~10-40 s on 2 cores, < 1 GB RSS
 """
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ import resource
 import tempfile
 import time
 
+import sparsecore as sc  # first: its OpenMP wait policy then applies to torch too
 import torch
 from torch import nn
-
-import sparsecore as sc
 
 WIDTH = 40_000
 

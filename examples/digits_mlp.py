@@ -9,20 +9,13 @@ makes the optimizer refresh the sparse sets every ``refresh_every`` steps.
 """
 from __future__ import annotations
 
-import os
 import time
 
-# Numba's and PyTorch's OpenMP pools busy-wait between parallel regions; on a busy
-# machine that costs small models up to 10x. Passive waiting must be chosen before
-# torch is imported (it has no effect when this file is imported after torch).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
-from torch import nn  # noqa: E402
-
-import sparsecore as sc  # noqa: E402
+import sparsecore as sc  # first: its OpenMP wait policy then applies to torch too
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
 
 
 def load_data(seed: int = 0):
