@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .layers import TopKASTConv2d, TopKASTLinear
+from .layers import TopKASTConv2d, TopKASTLinear, conv2d_as_linear
 
 
 def _layers(model: nn.Module) -> dict[str, TopKASTLinear]:
@@ -83,24 +83,13 @@ class SparseConv2dInference(SparseLinearInference):
 
     def __init__(self, layer: TopKASTConv2d):
         super().__init__(layer)
-        self.out_channels = layer.out_channels
+        self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size, self.stride = layer.kernel_size, layer.stride
         self.padding, self.dilation = layer.padding, layer.dilation
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batched = x.dim() == 4
-        if not batched:
-            x = x.unsqueeze(0)
-        n, _, h, w = x.shape
-        kh, kw = self.kernel_size
-        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        cols = torch.nn.functional.unfold(x, self.kernel_size, dilation=self.dilation,
-                                          padding=self.padding, stride=self.stride)
-        y = super().forward(cols.transpose(1, 2)).transpose(1, 2)
-        y = y.reshape(n, self.out_channels, ho, wo)
-        return y if batched else y.squeeze(0)
+        return conv2d_as_linear(self, x, super().forward)
 
 
 def inference_model(model: nn.Module) -> nn.Module:

@@ -390,6 +390,33 @@ def _pair(v, name: str) -> tuple[int, int]:
     return t
 
 
+def conv2d_as_linear(conv, x: torch.Tensor, linear) -> torch.Tensor:
+    """Apply a convolution with ``conv``'s geometry (in_channels, out_channels,
+    kernel_size, stride, padding, dilation) by unfolding ``x`` (im2col) and calling
+    ``linear`` on the (n, L, C*kh*kw) patches. Shared by the training and the
+    inference convolution."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-3] != conv.in_channels:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"input has shape {shape}; expected (N, C={conv.in_channels}, H, W) "
+                         f"or (C={conv.in_channels}, H, W)")
+    batched = x.dim() == 4
+    if not batched:
+        x = x.unsqueeze(0)
+    n, _, h, w = x.shape
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    (ph, pw), (dh, dw) = conv.padding, conv.dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"input spatial size {(h, w)} is too small for kernel_size "
+                         f"{conv.kernel_size} with padding {conv.padding}")
+    cols = torch.nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation,
+                                      padding=conv.padding, stride=conv.stride)
+    y = linear(cols.transpose(1, 2))                       # (n, L, out)
+    y = y.transpose(1, 2).reshape(n, conv.out_channels, ho, wo)
+    return y if batched else y.squeeze(0)
+
+
 class TopKASTConv2d(TopKASTLinear):
     """A 2-D convolution trained with Top-KAST over the same storage as
     :class:`TopKASTLinear`: the dense-equivalent weight is (out_channels,
@@ -419,25 +446,7 @@ class TopKASTConv2d(TopKASTLinear):
         super().__init__(in_channels * kh * kw, out_channels, bias, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input has shape {shape}; expected (N, C={self.in_channels}, H, W) "
-                             f"or (C={self.in_channels}, H, W)")
-        batched = x.dim() == 4
-        if not batched:
-            x = x.unsqueeze(0)
-        n, _, h, w = x.shape
-        kh, kw = self.kernel_size
-        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        if ho <= 0 or wo <= 0:
-            raise ValueError(f"input spatial size {(h, w)} is too small for kernel_size "
-                             f"{self.kernel_size} with padding {self.padding}")
-        cols = torch.nn.functional.unfold(x, self.kernel_size, dilation=self.dilation,
-                                          padding=self.padding, stride=self.stride)
-        y = super().forward(cols.transpose(1, 2))             # (n, L, out)
-        y = y.transpose(1, 2).reshape(n, self.out_channels, ho, wo)
-        return y if batched else y.squeeze(0)
+        return conv2d_as_linear(self, x, super().forward)
 
     def _name(self) -> str:
         return f"TopKASTConv2d({self.in_channels}, {self.out_channels}, {self.kernel_size})"
