@@ -30,12 +30,15 @@ def _layers(model: nn.Module) -> dict[str, TopKASTLinear]:
 
 def forward_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """{layer name: torch sparse CSR tensor (out, in) of the forward weight}."""
+    import warnings
     out = {}
     for n, l in _layers(model).items():
-        out[n] = torch.sparse_csr_tensor(l.a_indptr.clone(), l.a_cols.to(torch.int64),
-                                         l.values.detach()[: l.k_a].clone(),
-                                         size=(l.out_features, l.in_features),
-                                         check_invariants=False)
+        with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice
+            warnings.simplefilter("ignore", UserWarning)
+            out[n] = torch.sparse_csr_tensor(l.a_indptr.clone(), l.a_cols.to(torch.int64),
+                                             l.values.detach()[: l.k_a].clone(),
+                                             size=(l.out_features, l.in_features),
+                                             check_invariants=False)
     return out
 
 
