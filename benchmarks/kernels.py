@@ -56,9 +56,13 @@ from pathlib import Path
 
 import warnings
 
-import numba as nb
-import numpy as np
-import torch
+HERE_ = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE_.parent))
+import sparsecore  # noqa: E402,F401  (before torch: see the OpenMP note in docs)
+
+import numba as nb  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 

@@ -52,16 +52,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE.parent))
 
-import sparsecore as sc  # noqa: E402
+import sparsecore as sc  # noqa: E402  (before torch: see the OpenMP note in docs)
 from sparsecore import kernels as _kernels  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 SPARSITIES = [(0.8, 0.5), (0.95, 0.9), (0.99, 0.98)]
 TARGETS = {(0.8, 0.5): 1.0, (0.95, 0.9): 4.0, (0.99, 0.98): 15.0}

@@ -135,10 +135,9 @@ def _steps(mod, opt, x, dy, steps):
 
 
 def child(spec: dict) -> dict:
+    import sparsecore as sc  # before torch: see the OpenMP note in docs
     import torch
     from torch import nn
-
-    import sparsecore as sc
 
     torch.manual_seed(0)
     # 1. baseline work: compile / load every kernel on a tiny layer

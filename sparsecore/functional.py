@@ -39,16 +39,26 @@ class SparsePlan:
 
 
 class TopKASTLinearFunction(torch.autograd.Function):
-    """``apply(x2d, values, plan) -> y2d``; x2d is (n, in), values is theta_B."""
+    """``apply(x2d, values, bias, plan) -> y2d``; x2d is (n, in), values is theta_B,
+    bias may be None. The bias add is fused into the copy that turns the kernel's
+    feature-major output into (n, out); the input gradient is returned as a
+    transposed view of the kernel's output (a following Top-KAST layer's backward
+    then needs no copy)."""
 
     @staticmethod
-    def forward(ctx, x2d: torch.Tensor, values: torch.Tensor, plan: SparsePlan):
+    def forward(ctx, x2d: torch.Tensor, values: torch.Tensor, bias, plan: SparsePlan):
         xt = x2d.t().contiguous()
         wa = values.detach()[: plan.k_a]
         yt = kernels.spmm(plan.a_indptr, plan.a_cols, wa, xt, check=False)
+        y = torch.empty(yt.shape[1], yt.shape[0], dtype=yt.dtype)
+        if bias is None:
+            y.copy_(yt.t())
+        else:
+            torch.add(yt.t(), bias.detach(), out=y)
         ctx.save_for_backward(xt, values)
         ctx.plan = plan
-        return yt.t().contiguous()
+        ctx.has_bias = bias is not None
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -56,11 +66,10 @@ class TopKASTLinearFunction(torch.autograd.Function):
         plan: SparsePlan = ctx.plan
         gt = dy.t().contiguous()
         v = values.detach()
-        dx = dvalues = None
+        dx = dvalues = dbias = None
         if ctx.needs_input_grad[0]:
-            dxt = kernels.spmm_t(plan.at_indptr, plan.at_rows, plan.at_perm, v[: plan.k_a], gt,
-                                 check=False)
-            dx = dxt.t().contiguous()
+            dx = kernels.spmm_t(plan.at_indptr, plan.at_rows, plan.at_perm, v[: plan.k_a], gt,
+                                check=False).t()
         if ctx.needs_input_grad[1]:
             dvalues = torch.empty_like(v)
             k = plan.k_a
@@ -68,14 +77,14 @@ class TopKASTLinearFunction(torch.autograd.Function):
                           out=dvalues[:k], check=False)
             kernels.sddmm(plan.x_indptr, plan.x_cols, gt, xt, theta=v[k:], reg=plan.reg_x,
                           out=dvalues[k:], check=False)
-        return dx, dvalues, None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = gt.sum(dim=1)
+        return dx, dvalues, dbias, None
 
 
 def topkast_linear(x: torch.Tensor, values: torch.Tensor, plan: SparsePlan,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """Apply the layer to x of shape (..., in_features)."""
     lead = x.shape[:-1]
-    y = TopKASTLinearFunction.apply(x.reshape(-1, plan.in_features), values, plan)
-    if bias is not None:
-        y = y + bias
+    y = TopKASTLinearFunction.apply(x.reshape(-1, plan.in_features), values, bias, plan)
     return y.reshape(*lead, plan.out_features)
