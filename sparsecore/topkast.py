@@ -96,16 +96,12 @@ def refresh_pool(a_flat, x_flat, values, r_flat, r_val, floor: float, *,
         replenished += 1
         added += int(new.shape[0])
     b_pos = _select.select_topk(val, k_b)
-    in_b = np.zeros(flat.shape[0], bool)
-    in_b[b_pos] = True
     a_in_b = _select.select_topk(val[b_pos], k_a)
-    is_a = np.zeros(k_b, bool)
-    is_a[a_in_b] = True
-    a_pos, x_pos = b_pos[is_a], b_pos[~is_a]
-    order = np.concatenate([a_pos, x_pos])
+    a_flat, x_flat, new_values, new_src, r_flat, r_val = _pool.split_pool(
+        flat, val, src, b_pos, a_in_b)
     return RefreshResult(
-        a_flat=flat[a_pos], x_flat=flat[x_pos], values=val[order], src=src[order],
-        r_flat=flat[~in_b], r_val=val[~in_b], floor=floor,
+        a_flat=a_flat, x_flat=x_flat, values=new_values, src=new_src,
+        r_flat=r_flat, r_val=r_val, floor=floor,
         replenished=replenished, scanned_added=added)
 
 

@@ -62,3 +62,48 @@ def gather_or_zero(t: np.ndarray, src: np.ndarray) -> np.ndarray:
     out = np.empty(src.shape[0], t.dtype)
     _gather_or_zero(t, src, out)
     return out
+
+
+@nb.njit(cache=True)
+def _split(flat, val, src, b_pos, a_in_b, a_flat, x_flat, v_out, s_out, r_flat, r_val):
+    k_a = a_flat.shape[0]
+    ia = 0
+    ix = 0
+    ja = 0  # walks a_in_b (ascending positions inside b_pos)
+    for q in range(b_pos.shape[0]):
+        p = b_pos[q]
+        if ja < a_in_b.shape[0] and a_in_b[ja] == q:
+            a_flat[ia] = flat[p]
+            v_out[ia] = val[p]
+            s_out[ia] = src[p]
+            ia += 1
+            ja += 1
+        else:
+            x_flat[ix] = flat[p]
+            v_out[k_a + ix] = val[p]
+            s_out[k_a + ix] = src[p]
+            ix += 1
+    ir = 0
+    q = 0
+    for p in range(flat.shape[0]):
+        if q < b_pos.shape[0] and b_pos[q] == p:
+            q += 1
+        else:
+            r_flat[ir] = flat[p]
+            r_val[ir] = val[p]
+            ir += 1
+
+
+def split_pool(flat, val, src, b_pos, a_in_b):
+    """Split a sorted pool into A, B minus A and the reserve in one pass, given the
+    ascending positions ``b_pos`` of B in the pool and ``a_in_b`` of A inside B.
+    Returns (a_flat, x_flat, values [A then X], src [A then X], r_flat, r_val)."""
+    k_b, k_a = b_pos.shape[0], a_in_b.shape[0]
+    a_flat = np.empty(k_a, np.int64)
+    x_flat = np.empty(k_b - k_a, np.int64)
+    v_out = np.empty(k_b, val.dtype)
+    s_out = np.empty(k_b, np.int64)
+    r_flat = np.empty(flat.shape[0] - k_b, np.int64)
+    r_val = np.empty(flat.shape[0] - k_b, val.dtype)
+    _split(flat, val, src, b_pos, a_in_b, a_flat, x_flat, v_out, s_out, r_flat, r_val)
+    return a_flat, x_flat, v_out, s_out, r_flat, r_val
