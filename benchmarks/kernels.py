@@ -66,8 +66,7 @@ import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+HERE = HERE_
 
 from sparsecore import kernels as K  # noqa: E402
 

@@ -58,6 +58,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import sparsecore as sc  # noqa: E402  (before torch: see the OpenMP note in docs)
 from sparsecore import kernels as _kernels  # noqa: E402
+from _common import tree_state  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -70,19 +71,6 @@ REFRESH_TARGET = 0.05
 LR = 1e-3
 ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_NUM_THREADS",
             "NUMBA_THREADING_LAYER", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
-
-
-def tree_state() -> dict:
-    """Commit and locally modified sparsecore files (the kernels change over time)."""
-    import subprocess
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=str(ROOT), capture_output=True, text=True,
-                                  timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "modified": git("status", "--porcelain", "--", "sparsecore").splitlines()}
 
 
 # --------------------------------------------------------------- kernel timing hooks

@@ -47,6 +47,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from _common import tree_state  # noqa: E402
+from sparsecore.topkast import sizes  # noqa: E402  (K_A, K_B exactly as the engine)
 MiB = 1024.0 ** 2
 RESERVE = 0.25  # TopKASTLinear default; the analytic model uses it
 
@@ -64,27 +69,7 @@ CONFIGS = [
 QUICK = {"4k-95/90", "4k-99/98", "4k-dense", "16k-99/98"}
 
 
-def tree_state() -> dict:
-    """Commit and locally modified sparsecore files (the kernels change over time)."""
-    import subprocess
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=str(ROOT), capture_output=True, text=True,
-                                  timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "modified": git("status", "--porcelain", "--", "sparsecore").splitlines()}
-
-
 # ---------------------------------------------------------------------------- model
-def sizes(in_f, out_f, sf, sb):
-    n = in_f * out_f
-    k_a = max(1, round((1.0 - sf) * n))
-    k_b = max(k_a, round((1.0 - sb) * n))
-    return k_a, min(k_b, n)
-
-
 def analytic(in_f, out_f, sf, sb, n, reserve=RESERVE):
     """Bytes by item of the steady state (after a step and a refresh)."""
     act = 4 * n * (4 * in_f + 3 * out_f)

@@ -1,0 +1,19 @@
+"""Helpers shared by the benchmark scripts."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tree_state() -> dict:
+    """Commit and locally modified sparsecore files, recorded with every result."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=str(ROOT), capture_output=True, text=True,
+                                  timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "modified": git("status", "--porcelain", "--", "sparsecore").splitlines()}
