@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .layers import DEFAULT_RESERVE, TopKASTConv2d, TopKASTLinear, _check_sparsities
+from .topkast import RefreshError
 
 _LAYER_KEYS = ("forward_sparsity", "backward_sparsity", "exploration", "reserve")
 
@@ -232,7 +233,6 @@ class SparseModel(nn.Module):
             layers = {n: l for n, l in layers.items() if id(l.values) in held}
         for n, l in layers.items():
             if not torch.isfinite(l.values).all():
-                from .topkast import RefreshError
                 raise RefreshError(f"{n}: theta_B holds NaN or Inf; refusing to refresh "
                                    "(nothing was changed)")
         return {n: l.refresh(opts, name=n) for n, l in layers.items()}

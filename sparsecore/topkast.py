@@ -23,7 +23,6 @@ import numpy as np
 from .kernels import init as _init
 from .kernels import pool as _pool
 from .kernels import select as _select
-from .kernels.spmm_t import transpose_csr
 
 
 class RefreshError(ValueError):
@@ -116,10 +115,6 @@ def flat_to_csr(flat: np.ndarray, n_rows: int, n_cols: int):
 def csr_to_flat(indptr: np.ndarray, cols: np.ndarray, n_cols: int) -> np.ndarray:
     rows = np.repeat(np.arange(indptr.shape[0] - 1, dtype=np.int64), np.diff(indptr))
     return rows * n_cols + cols.astype(np.int64)
-
-
-def transpose(indptr: np.ndarray, cols: np.ndarray, n_cols: int):
-    return transpose_csr(indptr, cols, n_cols)
 
 
 def layer_key(seed: int, name: str = "") -> int:

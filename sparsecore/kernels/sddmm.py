@@ -13,6 +13,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from .spmm import tile_end
+
 
 _L2_TILE_BYTES = 384 * 1024   # target size of the xt tile kept in L2 per thread
 
@@ -35,10 +37,7 @@ def _sddmm_kernel(indptr, indices, gt, xt, theta, reg, zero, out, T, RB):
         for c1 in range(T, ncols + T, T):
             for r in range(r0, r1):
                 k = cur[r - r0]
-                e = indptr[r + 1]
-                k1 = k
-                while k1 < e and indices[k1] < c1:
-                    k1 += 1
+                k1 = tile_end(indices, k, indptr[r + 1], c1)
                 cur[r - r0] = k1
                 g = gt[r]
                 while k + 4 <= k1:

@@ -53,6 +53,15 @@ def _stack_buffer(typingctx, n_ty, dtype_ty):
     return sig, codegen
 
 
+@nb.njit(inline="always", cache=True)
+def tile_end(indices, k, e, c1):
+    """First position in [k, e) whose column is >= c1 (columns ascend in a row):
+    the end of this row's entries in the current column tile."""
+    while k < e and indices[k] < c1:
+        k += 1
+    return k
+
+
 def _make_panel_kernel(P, use_perm):
     """Kernel for register panels of exactly P columns; P and use_perm are
     compile-time constants (closure variables), so the P partial sums are kept in
@@ -80,10 +89,7 @@ def _make_panel_kernel(P, use_perm):
                 for c1 in range(T, ncols + T, T):
                     for r in range(r0, r1):
                         k = cur[r - r0]
-                        e = indptr[r + 1]
-                        k1 = k
-                        while k1 < e and indices[k1] < c1:
-                            k1 += 1
+                        k1 = tile_end(indices, k, indptr[r + 1], c1)
                         cur[r - r0] = k1
                         if k1 == k:
                             continue
