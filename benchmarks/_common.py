@@ -17,3 +17,15 @@ def tree_state() -> dict:
             return ""
     return {"commit": git("rev-parse", "--short", "HEAD"),
             "modified": git("status", "--porcelain", "--", "sparsecore").splitlines()}
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a message) if missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed; no PNG")
+        return None
+    return plt

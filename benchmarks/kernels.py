@@ -67,6 +67,8 @@ import torch  # noqa: E402
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 
 HERE = HERE_
+sys.path.insert(0, str(HERE))
+from _common import pyplot  # noqa: E402
 
 from sparsecore import kernels as K  # noqa: E402
 
@@ -322,9 +324,9 @@ def bench_init(n_scan: int, rounds: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------- plot
 def plot(recs: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     sizes = sorted({r["out"] for r in recs})
     ns = sorted({r["n"] for r in recs})
     fig, axes = plt.subplots(len(PRODUCTS), len(sizes) * len(ns),

@@ -58,7 +58,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import sparsecore as sc  # noqa: E402  (before torch: see the OpenMP note in docs)
 from sparsecore import kernels as _kernels  # noqa: E402
-from _common import tree_state  # noqa: E402
+from _common import pyplot, tree_state  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -366,12 +366,8 @@ def print_tables(results, meta):
 
 
 def plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed; no PNG")
+    plt = pyplot()
+    if plt is None:
         return
     labels = [f"{r['forward_sparsity']:.2f}/{r['backward_sparsity']:.2f}" for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

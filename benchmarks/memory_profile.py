@@ -50,7 +50,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from _common import tree_state  # noqa: E402
+from _common import pyplot, tree_state  # noqa: E402
 from sparsecore.topkast import sizes  # noqa: E402  (K_A, K_B exactly as the engine)
 MiB = 1024.0 ** 2
 RESERVE = 0.25  # TopKASTLinear default; the analytic model uses it
@@ -253,12 +253,8 @@ def print_table(rows, base):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed; no PNG")
+    plt = pyplot()
+    if plt is None:
         return
     rows = [r for r in rows if r["kind"] == "sparse"]
     names = [r["name"] for r in rows]
