@@ -27,7 +27,8 @@ if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
 __version__ = "0.1.0"
 
 from .layers import TopKASTConv2d, TopKASTLinear  # noqa: E402
-from .model import MemoryReport, SparseModel  # noqa: E402
+from .memory import MemoryReport  # noqa: E402
+from .model import SparseModel  # noqa: E402
 from .topkast import RefreshError  # noqa: E402
 from .checkpoint import CheckpointError, load, save  # noqa: E402
 from . import export  # noqa: E402

@@ -10,6 +10,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from .memory import MemoryReport
 from .layers import DEFAULT_RESERVE, TopKASTConv2d, TopKASTLinear, _check_sparsities
 from .topkast import RefreshError
 
@@ -304,28 +305,3 @@ class SparseModel(nn.Module):
         dense_equiv += rep["buffers"]
         return MemoryReport(rep, dense_equiv)
 
-
-class MemoryReport(dict):
-    """Bytes by kind (a dict) plus ``total``, ``dense_equivalent`` and ``ratio``;
-    ``str()`` gives a readable table."""
-
-    def __init__(self, parts: dict, dense_equivalent: int):
-        super().__init__(parts)
-        self["total"] = sum(parts.values())
-        self["dense_equivalent"] = dense_equivalent
-        self["ratio"] = self["total"] / dense_equivalent if dense_equivalent else math.nan
-
-    def __str__(self) -> str:
-        def fmt(b):
-            for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-                if abs(b) < 1024 or unit == "TiB":
-                    return f"{b:,.1f} {unit}" if unit != "B" else f"{b:,} B"
-                b /= 1024
-        rows = [(k, v) for k, v in self.items() if k not in ("total", "dense_equivalent", "ratio")]
-        lines = [f"{'kind':<20}{'bytes':>16}"]
-        lines += [f"{k:<20}{fmt(v):>16}" for k, v in rows]
-        lines.append(f"{'total':<20}{fmt(self['total']):>16}")
-        lines.append(f"{'dense equivalent':<20}{fmt(self['dense_equivalent']):>16}"
-                     "  (weights + grads + 2 Adam states)")
-        lines.append(f"{'sparse / dense':<20}{self['ratio']:>16.4%}")
-        return "\n".join(lines)
