@@ -174,7 +174,7 @@ def child(spec: dict) -> dict:
         out["refresh_info"] = {k: float(v) for k, v in info.items()}
         out["peak_after_refresh"] = _peak()
         out["k_a"], out["k_b"], out["pool"] = layer.k_a, layer.k_b, layer.pool_size()
-        out["reserve_entries"] = int(layer.reserve_idx.numel())
+        out["reserve_entries"] = int(layer.sparse_state.n_reserve)
         rep = mod.memory_report(opt)
         out["memory_report"] = {k: float(v) for k, v in rep.items()}
     state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]

@@ -24,7 +24,7 @@ if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
             "environment before starting Python (setting it to any value silences this).",
             RuntimeWarning, stacklevel=2)
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from .layers import TopKASTConv2d, TopKASTLinear  # noqa: E402
 from .memory import MemoryReport  # noqa: E402

@@ -19,11 +19,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from ._version import __version__
 from .layers import TopKASTLinear
 
 FORMAT = "sparsecore-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -66,9 +66,7 @@ def save(model: torch.nn.Module, path, optimizer: torch.optim.Optimizer | None =
               "sparsecore": __version__, "torch": torch.__version__,
               "model_class": type(model).__name__, "configs": configs,
               "extra": _jsonable(extra, "extra") if extra is not None else None,
-              "step_count": getattr(model, "step_count", None),
-              "stats": {n: dict(m.stats) for n, m in model.named_modules()
-                        if isinstance(m, TopKASTLinear)}}
+              "step_count": getattr(model, "step_count", None)}
     if optimizer is not None:
         sd = optimizer.state_dict()
         scalars = {}
@@ -199,9 +197,6 @@ def load(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
     model.load_state_dict(sd)
     if opt_sd is not None:
         optimizer.load_state_dict(opt_sd)
-    for n, m in model.named_modules():
-        if isinstance(m, TopKASTLinear) and n in (header.get("stats") or {}):
-            m.stats.update(header["stats"][n])
     steps = header.get("step_count")
     order = getattr(model, "_opt_order", None)
     if steps is not None and order is not None:

@@ -35,7 +35,7 @@ def forward_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     for n, l in _layers(model).items():
         with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice
             warnings.simplefilter("ignore", UserWarning)
-            out[n] = torch.sparse_csr_tensor(l.a_indptr.clone(), l.a_cols.to(torch.int64),
+            out[n] = torch.sparse_csr_tensor(l.sparse_state.a_indptr.clone(), l.sparse_state.a_cols.to(torch.int64),
                                              l.values.detach()[: l.k_a].clone(),
                                              size=(l.out_features, l.in_features),
                                              check_invariants=False)
@@ -45,8 +45,8 @@ def forward_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def to_scipy(model: nn.Module) -> dict:
     """{layer name: scipy.sparse.csr_array (out, in) of the forward weight}."""
     import scipy.sparse as sp
-    return {n: sp.csr_array((l.values.detach()[: l.k_a].numpy().copy(), l.a_cols.numpy().copy(),
-                             l.a_indptr.numpy().copy()), shape=(l.out_features, l.in_features))
+    return {n: sp.csr_array((l.values.detach()[: l.k_a].numpy().copy(), l.sparse_state.a_cols.numpy().copy(),
+                             l.sparse_state.a_indptr.numpy().copy()), shape=(l.out_features, l.in_features))
             for n, l in _layers(model).items()}
 
 
@@ -57,8 +57,8 @@ class SparseLinearInference(nn.Module):
     def __init__(self, layer: TopKASTLinear):
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.register_buffer("indptr", layer.a_indptr.clone())
-        self.register_buffer("cols", layer.a_cols.clone())
+        self.register_buffer("indptr", layer.sparse_state.a_indptr.clone())
+        self.register_buffer("cols", layer.sparse_state.a_cols.clone())
         self.register_buffer("weight_values", layer.values.detach()[: layer.k_a].clone())
         self.register_buffer("bias", layer.bias.detach().clone() if layer.bias is not None else None)
 

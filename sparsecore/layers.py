@@ -1,4 +1,9 @@
-"""Top-KAST layers: nn.Modules over the pool/floor storage (no dense weight)."""
+"""Top-KAST layers: nn.Modules over the pool/floor storage (no dense weight).
+
+A layer holds its trainable values (theta on B) as one ``nn.Parameter`` and the
+rest of its sparse structure as one immutable :class:`~sparsecore.state.SparseState`
+(``layer.sparse_state``), which a refresh replaces whole.
+"""
 from __future__ import annotations
 
 import math
@@ -8,17 +13,17 @@ import torch
 from torch import nn
 
 from . import kernels
-from .functional import SparsePlan, topkast_linear
-from .kernels import init as _init
-from .kernels import pool as _pool
-from .topkast import (InitSpec, RefreshError, csr_to_flat, flat_to_csr, layer_key,
-                      refresh_pool, sizes)
+from .functional import topkast_linear
+from .kernels.cpu import init as _init
+from .kernels.cpu import pool as _pool
+from .state import SparseState, TENSOR_NAMES, check_index_range, empty_state
+from .topkast import InitSpec, RefreshError, layer_key, refresh as _refresh, sizes
 
 DEFAULT_RESERVE = 0.25
+RESERVE_SLACK = 0.25      # the reserve is trimmed once it exceeds (reserve + slack) * K_B
 TO_DENSE_LIMIT = 1 << 26  # elements; to_dense() refuses above this
-_STATE_VERSION = 1
-_BUFFERS = ("a_indptr", "a_cols", "x_indptr", "x_cols", "reserve_idx", "reserve_val",
-            "floor", "key")
+_STATE_VERSION = 2
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 def _check_sparsities(forward_sparsity, backward_sparsity):
@@ -86,7 +91,7 @@ class TopKASTLinear(nn.Module):
         if init not in _init.KINDS:
             raise ValueError(f"init must be one of {sorted(_init.KINDS)}, got {init!r}")
         dtype = torch.float32 if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float64):
+        if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         device = torch.device("cpu") if device is None else torch.device(device)
         kernels.backend_name(device)  # raises for devices without a backend
@@ -99,31 +104,34 @@ class TopKASTLinear(nn.Module):
         self.init = init
         self.init_scale = float(init_scale) if init_scale is not None else 1.0 / math.sqrt(in_features)
         self.k_a, self.k_b = sizes(in_features, out_features, forward_sparsity, backward_sparsity)
+        check_index_range(in_features, out_features, self.k_a, name or type(self).__name__)
         self.stats = {"refreshes": 0, "replenishes": 0, "changed_a": 0.0, "changed_b": 0.0,
-                      "entered_a_from_outside_b": 0, "scanned_added": 0}
+                      "entered_a_from_outside_b": 0, "scanned_added": 0, "trimmed": 0}
 
         with torch.device(device):  # a surrounding `with torch.device("meta")` must not leak in
             self._build(dtype, bias, seed, name)
 
     def _build(self, dtype, bias: bool, seed: int, name: str) -> None:
         """Construction: the streaming scan from an empty pool (floor = inf)."""
-        np_dtype = np.float32 if dtype == torch.float32 else np.float64
         key = layer_key(seed, name)
-        empty_i = np.empty(0, np.int64)
-        res = refresh_pool(empty_i, empty_i, np.empty(0, np_dtype), empty_i,
-                           np.empty(0, np_dtype), math.inf, k_a=self.k_a, k_b=self.k_b,
-                           n_total=self.n_total, reserve_target=self._reserve_target(),
-                           spec=InitSpec(key, _init.KINDS[self.init], self.init_scale, np_dtype),
-                           name=name or "TopKASTLinear")
+        start = empty_state(self.in_features, self.out_features, key, dtype)
+        np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        res = _refresh(start, np.empty(0, np_dtype), k_a=self.k_a, k_b=self.k_b,
+                       reserve_target=self._reserve_target(), reserve_cap=self._reserve_cap(),
+                       spec=InitSpec(key, _init.KINDS[self.init], self.init_scale, np_dtype),
+                       name=name or type(self).__name__, want_src=False)
         self.values = nn.Parameter(torch.from_numpy(res.values))
         self.bias = nn.Parameter(self._init_bias(dtype, key)) if bias else None
-        self.register_buffer("key", torch.tensor(key - (1 << 64) if key >= 1 << 63 else key,
-                                                 dtype=torch.int64))
-        self._commit(res)
-        self.stats["replenishes"] = res.replenished
-        self.stats["scanned_added"] = res.scanned_added
+        self._state = res.state
+        self.stats["replenishes"] = res.info["replenished"]
+        self.stats["scanned_added"] = res.info["scanned_added"]
 
     # ------------------------------------------------------------------ basics
+    @property
+    def sparse_state(self) -> SparseState:
+        """The layer's sparse structure (immutable; replaced whole by a refresh)."""
+        return self._state
+
     @property
     def n_total(self) -> int:
         return self.in_features * self.out_features
@@ -135,6 +143,9 @@ class TopKASTLinear(nn.Module):
     def _reserve_target(self) -> int:
         return int(math.ceil(self.reserve * self.k_b))
 
+    def _reserve_cap(self) -> int:
+        return int(math.ceil((self.reserve + RESERVE_SLACK) * self.k_b))
+
     def _init_bias(self, dtype, key: int) -> torch.Tensor:
         """nn.Linear's bias init, U(-1/sqrt(in), 1/sqrt(in)), drawn from a generator
         seeded by the layer key so the same seed rebuilds the same layer."""
@@ -144,31 +155,23 @@ class TopKASTLinear(nn.Module):
 
     def _spec(self) -> InitSpec:
         np_dtype = np.float32 if self.values.dtype == torch.float32 else np.float64
-        return InitSpec(int(self.key) & 0xFFFFFFFFFFFFFFFF, _init.KINDS[self.init],
-                        self.init_scale, np_dtype)
+        return InitSpec(self._state.key, _init.KINDS[self.init], self.init_scale, np_dtype)
 
-    def _commit(self, res) -> None:
-        """Install a RefreshResult: index buffers and the cached transpose of A.
-        (``values`` and optimizer state are written by the caller.)"""
-        a_indptr, a_cols = flat_to_csr(res.a_flat, self.out_features, self.in_features)
-        x_indptr, x_cols = flat_to_csr(res.x_flat, self.out_features, self.in_features)
-        self._set_buffers(a_indptr, a_cols, x_indptr, x_cols, res.r_flat, res.r_val, res.floor)
-
-    def _set_buffers(self, a_indptr, a_cols, x_indptr, x_cols, r_flat, r_val, floor) -> None:
-        t = torch.from_numpy
-        for nm, arr in (("a_indptr", a_indptr), ("a_cols", a_cols), ("x_indptr", x_indptr),
-                        ("x_cols", x_cols), ("reserve_idx", r_flat), ("reserve_val", r_val)):
-            self.register_buffer(nm, t(np.ascontiguousarray(arr)))
-        self.register_buffer("floor", torch.tensor(float(floor), dtype=torch.float64, device="cpu"))
-        at = kernels.transpose_csr(self.a_indptr, self.a_cols, self.in_features, check=False)
-        for nm, arr in zip(("at_indptr", "at_rows", "at_perm"), at):
-            self.register_buffer(nm, arr, persistent=False)
-
-    def plan(self) -> SparsePlan:
-        return SparsePlan(self.in_features, self.out_features, self.k_a,
-                          self.a_indptr, self.a_cols, self.x_indptr, self.x_cols,
-                          self.at_indptr, self.at_rows, self.at_perm,
-                          self.exploration, self.exploration / self.density)
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.float()``, ``.double()``, ``.half()``, ``.cuda()``...: values and
+        bias follow ``fn``; the sparse state moves to the same device, its reserve
+        values follow the values' dtype, and its indices and floor are never cast.
+        Unsupported dtypes and devices are refused before anything changes."""
+        probe = fn(torch.empty(0, dtype=self.values.dtype, device=self.values.device))
+        if probe.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{self._name()}: dtype {probe.dtype} is not supported for the "
+                            f"sparse values; supported: {list(SUPPORTED_DTYPES)} (under "
+                            "torch.autocast the values stay fp32 and the output follows autocast)")
+        if probe.device != self.values.device:
+            kernels.backend_name(probe.device)  # raises for devices without a backend
+        super()._apply(fn, recurse)
+        self._state = self._state.to(self.values.device, self.values.dtype)
+        return self
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,25 +184,21 @@ class TopKASTLinear(nn.Module):
             raise TypeError(f"input dtype {x.dtype} does not match the layer's {self.values.dtype}")
         if x.device != self.values.device:
             raise ValueError(f"input is on {x.device} but the layer is on {self.values.device}")
-        return topkast_linear(x, self.values, self.plan(), self.bias)
+        return topkast_linear(x, self.values, self._state, self.bias, self.exploration,
+                              self.exploration / self.density)
 
     # ----------------------------------------------------------------- indices
     def active_indices(self) -> torch.Tensor:
         """Sorted int64 flat indices (row * in + col) of the forward set A."""
-        return torch.from_numpy(self._a_flat())
+        return torch.from_numpy(self._state.a_flat())
 
     def backward_indices(self) -> torch.Tensor:
         """Sorted int64 flat indices of the backward set B (A included)."""
-        return torch.from_numpy(np.sort(np.concatenate([self._a_flat(), self._x_flat()])))
-
-    def _a_flat(self) -> np.ndarray:
-        return csr_to_flat(self.a_indptr.numpy(), self.a_cols.numpy(), self.in_features)
-
-    def _x_flat(self) -> np.ndarray:
-        return csr_to_flat(self.x_indptr.numpy(), self.x_cols.numpy(), self.in_features)
+        st = self._state
+        return torch.from_numpy(np.sort(np.concatenate([st.a_flat(), st.x_flat()])))
 
     def pool_size(self) -> int:
-        return self.k_b + int(self.reserve_idx.numel())
+        return self.k_b + self._state.n_reserve
 
     def to_dense(self, which: str = "theta", limit: int = TO_DENSE_LIMIT) -> torch.Tensor:
         """Dense (out, in) copy for small layers and tests: ``which="theta"`` gives
@@ -212,17 +211,18 @@ class TopKASTLinear(nn.Module):
             raise ValueError(
                 f"to_dense() refused: {self.out_features}x{self.in_features} = {self.n_total} "
                 f"elements exceeds the limit of {limit}; it exists for small layers and tests")
-        v = self.values.detach()
+        v = self.values.detach().cpu()
+        st = self._state
         if which == "forward":
             dense = torch.zeros(self.n_total, dtype=v.dtype)
-            dense[torch.from_numpy(self._a_flat())] = v[: self.k_a]
+            dense[torch.from_numpy(st.a_flat())] = v[: self.k_a]
         else:
             spec = self._spec()
             dense = torch.from_numpy(_init.init_values(spec.key, np.arange(self.n_total),
                                                        spec.kind, spec.param, spec.dtype))
-            dense[torch.from_numpy(self.reserve_idx.numpy())] = self.reserve_val
-            dense[torch.from_numpy(self._a_flat())] = v[: self.k_a]
-            dense[torch.from_numpy(self._x_flat())] = v[self.k_a:]
+            dense[st.reserve_idx.cpu()] = st.reserve_val.cpu()
+            dense[torch.from_numpy(st.a_flat())] = v[: self.k_a]
+            dense[torch.from_numpy(st.x_flat())] = v[self.k_a:]
         return dense.view(self.out_features, self.in_features)
 
     # ----------------------------------------------------------------- refresh
@@ -232,44 +232,35 @@ class TopKASTLinear(nn.Module):
         of ``optimizer`` (one or several): entries of every state tensor shaped like
         ``values`` follow their coordinate, are zero for coordinates new to B and are
         dropped for coordinates that left B. Raises :class:`RefreshError` (and changes
-        nothing) if theta_B holds NaN/Inf. Returns this refresh's statistics."""
-        old_a = self._a_flat()
-        old_x = self._x_flat()
-        res = refresh_pool(old_a, old_x, self.values.detach().numpy(),
-                           self.reserve_idx.numpy(), self.reserve_val.numpy(),
-                           float(self.floor), k_a=self.k_a, k_b=self.k_b, n_total=self.n_total,
-                           reserve_target=self._reserve_target(), spec=self._spec(),
-                           name=name or self._name())
-        def remap(t: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(_pool.gather_or_zero(t.detach().numpy(), res.src))
+        nothing) if theta_B holds NaN/Inf. Returns this refresh's statistics.
 
-        staged = []  # everything computed before anything is written
-        for opt in _optimizers(optimizer):
-            st = opt.state.get(self.values)
-            if not st:
-                continue
-            for k, t in st.items():
-                if torch.is_tensor(t) and t.shape == self.values.shape:
-                    staged.append((t, remap(t)))
+        Memory: the new structure is built at its exact size next to the old one;
+        the remaps then run one tensor at a time (one K_B temporary)."""
+        res = _refresh(self._state, self.values.detach().numpy(), k_a=self.k_a, k_b=self.k_b,
+                       reserve_target=self._reserve_target(), reserve_cap=self._reserve_cap(),
+                       spec=self._spec(), name=name or self._name())
+        remap = [t for opt in _optimizers(optimizer)
+                 for t in (opt.state.get(self.values) or {}).values()
+                 if torch.is_tensor(t) and t.shape == self.values.shape]
         if self.values.grad is not None:
-            staged.append((self.values.grad, remap(self.values.grad)))
-        # commit
-        self.values.copy_(torch.from_numpy(res.values))
-        for t, new in staged:
-            t.copy_(new)
-        self._commit(res)
-        src_a = res.src[: self.k_a]
-        info = {  # res.src: old position in values (< K_A: was in A), -1: was not in B
-            "changed_a": 1.0 - int(((src_a >= 0) & (src_a < self.k_a)).sum()) / self.k_a,
-            "changed_b": 1.0 - int((res.src >= 0).sum()) / self.k_b,
-            "entered_a_from_outside_b": int((src_a < 0).sum()),
-            "replenished": res.replenished,
-            "scanned_added": res.scanned_added,
-        }
+            remap.append(self.values.grad)
+        # commit: nothing below can fail on valid input
+        new_state, new_values, src, info = res
+        del res
+        self._state = new_state
+        self.values.copy_(torch.from_numpy(new_values))
+        del new_values
+        for t in remap:
+            arr = t.detach().numpy()
+            new = np.empty_like(arr)
+            _pool.gather_or_zero(arr, src, new)
+            arr[:] = new
+            del new
         s = self.stats
         s["refreshes"] += 1
-        s["replenishes"] += res.replenished
-        s["scanned_added"] += res.scanned_added
+        s["replenishes"] += info["replenished"]
+        s["scanned_added"] += info["scanned_added"]
+        s["trimmed"] += info["trimmed"]
         s["changed_a"], s["changed_b"] = info["changed_a"], info["changed_b"]
         s["entered_a_from_outside_b"] += info["entered_a_from_outside_b"]
         return info
@@ -288,68 +279,51 @@ class TopKASTLinear(nn.Module):
                 "bias": self.bias is not None}
 
     def get_extra_state(self):
-        return self.config()
+        return {**self.config(), "stats": dict(self.stats)}
 
     def set_extra_state(self, state):  # handled in _load_from_state_dict
         pass
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for n, t in self._state.tensors().items():
+            destination[prefix + n] = t
+
     def validate_state(self, state: dict, prefix: str = "") -> dict:
         """Check a state (as produced by ``state_dict()``) against this layer without
-        changing anything; returns the arrays to install. Raises ValueError."""
+        changing anything. Returns what to install: ``values``, ``bias`` (if any),
+        the new :class:`SparseState` (``"sparse"``) and the saved ``stats``.
+        Raises ValueError naming the bad entry."""
         where = prefix or self._name()
-        need = ["values", "_extra_state", *_BUFFERS] + (["bias"] if self.bias is not None else [])
-        missing = [prefix + n for n in need if prefix + n not in state]
+        need = ["values", "_extra_state"] + (["bias"] if self.bias is not None else [])
+        missing = [prefix + n for n in need + list(TENSOR_NAMES) if prefix + n not in state]
         if missing:
             raise ValueError(f"{where}: state is missing {missing}")
         cfg = state[prefix + "_extra_state"]
-        mine = self.config()
         if not isinstance(cfg, dict):
             raise ValueError(f"{where}: config entry is not a dict: {cfg!r}")
-        diff = {k: (cfg.get(k), v) for k, v in mine.items() if cfg.get(k) != v}
+        diff = {k: (cfg.get(k), v) for k, v in self.config().items() if cfg.get(k) != v}
         if diff:
             raise ValueError(f"{where}: state was saved from another configuration "
                              f"(saved, this layer): {diff}")
-        g = {n: state[prefix + n] for n in need if n != "_extra_state"}
-        for n, t in g.items():
-            if not torch.is_tensor(t):
-                raise ValueError(f"{where}: {n} is not a tensor")
         dt = self.values.dtype
-        expect = {"values": ((self.k_b,), dt), "a_indptr": ((self.out_features + 1,), torch.int64),
-                  "x_indptr": ((self.out_features + 1,), torch.int64),
-                  "a_cols": ((self.k_a,), torch.int32),
-                  "x_cols": ((self.k_b - self.k_a,), torch.int32),
-                  "floor": ((), torch.float64), "key": ((), torch.int64),
-                  "reserve_idx": (None, torch.int64), "reserve_val": (None, dt),
-                  "bias": ((self.out_features,), dt)}
-        for n, t in g.items():
-            shape, dtype = expect[n]
-            if t.dtype != dtype or (shape is not None and tuple(t.shape) != shape):
-                raise ValueError(f"{where}: {n} has shape {tuple(t.shape)} and dtype {t.dtype}; "
-                                 f"expected {shape if shape is not None else '(any,)'} {dtype}")
-        if g["reserve_idx"].shape != g["reserve_val"].shape or g["reserve_idx"].dim() != 1:
-            raise ValueError(f"{where}: reserve_idx and reserve_val differ in shape")
-        for n in ("values", "reserve_val"):
-            if not torch.isfinite(g[n]).all():
-                raise ValueError(f"{where}: {n} contains NaN or Inf")
-        n_cols = self.in_features
-        flats = []
-        for ip, cols, nm in (("a_indptr", "a_cols", "A"), ("x_indptr", "x_cols", "B minus A")):
-            try:
-                kernels._validate.check_csr(g[ip], g[cols], self.out_features, n_cols, nm)
-            except (TypeError, ValueError, IndexError) as e:
-                raise ValueError(f"{where}: {e}") from None
-            flats.append(csr_to_flat(g[ip].numpy(), g[cols].numpy(), n_cols))
-        r = g["reserve_idx"].numpy()
-        for f, nm in ((flats[0], "A"), (flats[1], "B minus A"), (r, "reserve")):
-            if f.size and (np.any(np.diff(f) <= 0) or f[0] < 0 or f[-1] >= self.n_total):
-                raise ValueError(f"{where}: {nm} indices are not sorted, unique and in "
-                                 f"[0, {self.n_total})")
-        allf = np.concatenate(flats + [r])
-        if np.unique(allf).size != allf.size:
-            raise ValueError(f"{where}: A, B minus A and the reserve overlap")
-        if not float(g["floor"]) >= 0:
-            raise ValueError(f"{where}: floor {float(g['floor'])} is not >= 0")
-        return g
+        out = {}
+        for n, shape in (("values", (self.k_b,)), ("bias", (self.out_features,))):
+            if n not in need:
+                continue
+            t = state[prefix + n]
+            if not torch.is_tensor(t) or t.dtype != dt or tuple(t.shape) != shape:
+                got = (tuple(t.shape), t.dtype) if torch.is_tensor(t) else type(t).__name__
+                raise ValueError(f"{where}: {n} is {got}; expected {shape} {dt}")
+            if n == "values" and not torch.isfinite(t).all():
+                raise ValueError(f"{where}: values contains NaN or Inf")
+            out[n] = t
+        out["sparse"] = SparseState.from_tensors(
+            {n: state[prefix + n] for n in TENSOR_NAMES}, in_features=self.in_features,
+            out_features=self.out_features, k_a=self.k_a, k_b=self.k_b, value_dtype=dt,
+            where=where)
+        out["stats"] = cfg.get("stats")
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -362,13 +336,11 @@ class TopKASTLinear(nn.Module):
             self.values.copy_(g["values"])
             if self.bias is not None:
                 self.bias.copy_(g["bias"])
-        self.key = g["key"].clone()
-        self._set_buffers(g["a_indptr"].numpy().copy(), g["a_cols"].numpy().copy(),
-                          g["x_indptr"].numpy().copy(), g["x_cols"].numpy().copy(),
-                          g["reserve_idx"].numpy().copy(), g["reserve_val"].numpy().copy(),
-                          float(g["floor"]))
+        self._state = g["sparse"].to(self.values.device, self.values.dtype)
+        if isinstance(g["stats"], dict):
+            self.stats.update({k: v for k, v in g["stats"].items() if k in self.stats})
         if strict:
-            known = {prefix + n for n in ["values", "bias", "_extra_state", *_BUFFERS]}
+            known = {prefix + n for n in ["values", "bias", "_extra_state", *TENSOR_NAMES]}
             for k in state_dict:
                 if k.startswith(prefix) and k not in known and "." not in k[len(prefix):]:
                     unexpected_keys.append(k)

@@ -283,11 +283,9 @@ class SparseModel(nn.Module):
             es = l.values.element_size()
             rep["values"] += l.values.numel() * es
             rep["gradients"] += l.values.numel() * es
-            rep["indices"] += sum(getattr(l, b).numel() * getattr(l, b).element_size()
-                                  for b in ("a_indptr", "a_cols", "x_indptr", "x_cols",
-                                            "at_indptr", "at_rows", "at_perm"))
-            rep["reserve"] += (l.reserve_idx.numel() * l.reserve_idx.element_size()
-                               + l.reserve_val.numel() * l.reserve_val.element_size())
+            nb = l.sparse_state.nbytes()
+            rep["indices"] += nb["indices"]
+            rep["reserve"] += nb["reserve"]
             rep["optimizer_state"] += opt_bytes(l.values)
             dense_equiv += 4 * l.n_total * es
         for p in self.parameters():

@@ -1,35 +1,45 @@
 """The Top-KAST selection algorithm over the candidate pool (no dense theta).
 
-State of one layer, all sorted by flat index i = row * in + col:
-  * B = A + X (X = B minus A), whose current values are the trainable parameter;
-  * the reserve R: further coordinates with their exact current values;
-  * ``floor``: every coordinate outside the pool P = B + R has never been in B,
-    still holds theta0(key, i), and |theta0_i| < floor.
+The pool P of a layer is B (= A + X, whose current values are the trainable
+parameter) plus the reserve R of further coordinates with their exact current
+values. The floor guarantees: every coordinate outside P has never been
+trained, still holds theta0(key, i), and |theta0_i| < floor.
 
-:func:`refresh_pool` computes the new A and B exactly as dense Top-KAST would
-(TopK over all N coordinates, ties to the smaller flat index): inside the pool
-whenever the K_B-th largest pool magnitude is >= floor, after replenishing the
-pool from a streaming scan of theta0 when it is not. It is a pure function: it
-returns a :class:`RefreshResult` and mutates nothing, so a failure leaves the
-layer untouched.
+:func:`refresh` computes the new A and B exactly as dense Top-KAST would (TopK
+over all N coordinates, ties to the smaller flat index): inside the pool when
+the K_B-th largest pool magnitude is >= floor, after replenishing the pool from a
+streaming scan of theta0 when it is not. Construction is the same function
+from the empty pool (floor = inf). It is pure: it returns a new
+:class:`~sparsecore.state.SparseState` and the new values and mutates nothing,
+so a failure leaves the layer untouched.
+
+Memory (see docs/design.md): the pool is never merged into one array. The
+thresholds come from a radix select over the pieces, the ties at a threshold
+are resolved by flat index from the (few) tied entries, and one row-by-row pass
+writes the new structure into arrays of their exact final size.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numba as nb
 import numpy as np
+import torch
 
-from .kernels import init as _init
-from .kernels import pool as _pool
-from .kernels import select as _select
+from .kernels.cpu import init as _init
+from .kernels.cpu import pool as _pool
+from .kernels.cpu import select as _select
+from .memory import INT32_MAX
+from .state import SparseState
 
 
 class RefreshError(ValueError):
     """A refresh could not be carried out (the layer is left unchanged)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class InitSpec:
     key: int            # 64-bit layer key
     kind: int           # init.UNIFORM or init.NORMAL
@@ -37,17 +47,14 @@ class InitSpec:
     dtype: np.dtype     # np.float32 or np.float64
 
 
-@dataclass
-class RefreshResult:
-    a_flat: np.ndarray          # (K_A,) sorted
-    x_flat: np.ndarray          # (K_B-K_A,) sorted
-    values: np.ndarray          # (K_B,) A first then X
-    src: np.ndarray             # (K_B,) old position in values, -1 if not in old B
-    r_flat: np.ndarray          # reserve, sorted
-    r_val: np.ndarray
-    floor: float
-    replenished: int            # number of streaming scans run
-    scanned_added: int          # coordinates added to the pool by those scans
+class Refresh(NamedTuple):
+    """What :func:`refresh` returns: the new state, the new ``values`` (A then X),
+    ``src`` (old position in ``values`` of each new entry, -1 if it was not in B;
+    empty when not requested) and this refresh's statistics."""
+    state: SparseState
+    values: np.ndarray
+    src: np.ndarray
+    info: dict
 
 
 def _scan_floor(floor: float, need: int, n_total: int, spec: InitSpec) -> float:
@@ -62,59 +69,180 @@ def _scan_floor(floor: float, need: int, n_total: int, spec: InitSpec) -> float:
     return min(f, np.nextafter(floor, 0.0)) if math.isfinite(floor) else f
 
 
-def refresh_pool(a_flat, x_flat, values, r_flat, r_val, floor: float, *,
-                 k_a: int, k_b: int, n_total: int, reserve_target: int,
-                 spec: InitSpec, name: str = "layer") -> RefreshResult:
-    """Exact Top-KAST refresh over the pool; see the module docstring."""
+@nb.njit(cache=True)
+def _count_at_least(a, t):
+    c = 0
+    for i in range(a.shape[0]):
+        if abs(a[i]) >= t:
+            c += 1
+    return c
+
+
+@nb.njit(cache=True)
+def _src_counts(src, k_a_new, k_a_old):
+    """(entries of the new A that were in the old A, entries of the new B that were
+    in the old B, entries of the new A that were outside the old B)."""
+    a_kept = 0
+    b_kept = 0
+    a_new = 0
+    for i in range(src.shape[0]):
+        s = src[i]
+        if s >= 0:
+            b_kept += 1
+            if i < k_a_new and s < k_a_old:
+                a_kept += 1
+        elif i < k_a_new:
+            a_new += 1
+    return a_kept, b_kept, a_new
+
+
+@nb.njit(parallel=True, cache=True)
+def _untrained(key, flat, val, kind, param, round32, out):
+    """out[i] = val[i] still equals theta0(key, flat[i])."""
+    for i in nb.prange(flat.shape[0]):
+        out[i] = val[i] == _init._theta0(key, flat[i], kind, param, round32)
+
+
+_ALL = 1 << 62  # a cut above every flat index: all tied entries are taken
+
+
+def _cut(state_like, pieces, mask, t, n_taken: int, n_equal: int) -> int:
+    """The flat index of the ``n_taken``-th smallest tied entry at key ``t``."""
+    if n_taken == n_equal:
+        return _ALL
+    st_a_indptr, st_a_cols, st_x_indptr, st_x_cols, n_cols = state_like
+    vkeys, r_flat, rkeys, c_flat, ckeys = pieces
+    out = np.empty(64, np.int64)
+    cnt = _pool.tie_flats(n_cols, st_a_indptr, st_a_cols, st_x_indptr, st_x_cols, vkeys, r_flat,
+                          rkeys, c_flat, ckeys, mask, t, out)
+    if cnt > out.shape[0]:
+        out = np.empty(cnt, np.int64)
+        _pool.tie_flats(n_cols, st_a_indptr, st_a_cols, st_x_indptr, st_x_cols, vkeys, r_flat,
+                        rkeys, c_flat, ckeys, mask, t, out)
+    ties = np.sort(out[:cnt])
+    return int(ties[n_taken - 1])
+
+
+def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
+            reserve_target: int, reserve_cap: int | None = None, spec: InitSpec,
+            name: str = "layer", want_src: bool = True) -> Refresh:
+    """Exact Top-KAST refresh over the pool (see the module docstring).
+
+    ``values`` is theta on the current B (A first, then X). With ``reserve_cap``,
+    a reserve larger than that is trimmed back towards ``reserve_target`` by
+    raising the floor over untrained entries (always exact). Raises
+    :class:`RefreshError` before computing anything if a value is NaN/Inf."""
     values = np.asarray(values)
-    if not np.isfinite(values).all():
-        bad = int(np.flatnonzero(~np.isfinite(values))[0])
-        raise RefreshError(f"{name}: theta_B holds a non-finite value ({values[bad]}) at "
-                           f"position {bad}; refusing to refresh (nothing was changed)")
-    ka_old, kb_old = a_flat.shape[0], values.shape[0]
-    flat, val, src = _pool.merge_sorted([
-        (a_flat, values[:ka_old], np.arange(ka_old, dtype=np.int64)),
-        (x_flat, values[ka_old:], np.arange(ka_old, kb_old, dtype=np.int64)),
-        (r_flat, r_val, np.full(r_flat.shape[0], -1, np.int64))])
-    replenished = 0
-    added = 0
+    r_flat = state.reserve_idx.numpy()
+    r_val = state.reserve_val.numpy()
+    for arr, what in ((values, "theta_B"), (r_val, "the reserve")):
+        if arr.size and not np.isfinite(arr).all():
+            bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+            raise RefreshError(f"{name}: {what} holds a non-finite value ({arr[bad]}) at "
+                               f"position {bad}; refusing to refresh (nothing was changed)")
+    n_cols, n_rows = state.in_features, state.out_features
+    n_total = n_cols * n_rows
+    a_indptr, a_cols = state.a_indptr.numpy(), state.a_cols.numpy()
+    x_indptr, x_cols = state.x_indptr.numpy(), state.x_cols.numpy()
+    dtype = values.dtype
+    c_flat = np.empty(0, np.int64)
+    c_val = np.empty(0, dtype)
+    floor = state.floor
+    replenished = added = 0
     while True:
-        kth = _select.kth_largest_magnitude(val, k_b) if flat.shape[0] >= k_b else -math.inf
+        pieces = [values, r_val, c_val]
+        if sum(p.shape[0] for p in pieces) >= k_b:
+            kth = _select.kth_largest_magnitude(pieces, k_b)
+        else:
+            kth = -math.inf
         if kth >= floor:
             break
-        # pool too small to decide exactly: lower the floor and stream in candidates
-        have = int(np.count_nonzero(np.abs(val) >= floor)) if math.isfinite(floor) else 0
-        need = k_b + reserve_target - have
-        new_floor = _scan_floor(floor, need, n_total, spec)
+        # the pool cannot decide exactly: lower the floor and stream in the
+        # coordinates whose theta0 lies in the band [new floor, floor)
+        have = (sum(_count_at_least(p, floor) for p in pieces) if math.isfinite(floor) else 0)
+        new_floor = float(_scan_floor(floor, k_b + reserve_target - have, n_total, spec))
         new = _init.scan(spec.key, n_total, new_floor, spec.kind, spec.param,
-                         dtype=spec.dtype, skip=flat)
-        new_val = _init.init_values(spec.key, new, spec.kind, spec.param, spec.dtype)
-        flat, val, src = _pool.merge_sorted([
-            (flat, val, src), (new, new_val, np.full(new.shape[0], -1, np.int64))])
-        floor = float(new_floor)
+                         dtype=spec.dtype, ceil=floor)
+        m = _pool.dedupe_candidates(np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols,
+                                   r_flat, new)
+        new = new[:m].copy() if m < new.shape[0] else new
+        new_val = _init.init_values(spec.key, new, spec.kind, spec.param, dtype)
+        if c_flat.shape[0]:
+            fo = np.empty(c_flat.shape[0] + m, np.int64)
+            vo = np.empty(fo.shape[0], dtype)
+            _pool.merge_sorted(c_flat, c_val, new, new_val, fo, vo)
+            c_flat, c_val = fo, vo
+        else:
+            c_flat, c_val = new, new_val
+        del new, new_val
+        floor = new_floor
         replenished += 1
-        added += int(new.shape[0])
-    b_pos = _select.select_topk(val, k_b)
-    a_in_b = _select.select_topk(val[b_pos], k_a)
-    a_flat, x_flat, new_values, new_src, r_flat, r_val = _pool.split_pool(
-        flat, val, src, b_pos, a_in_b)
-    return RefreshResult(
-        a_flat=a_flat, x_flat=x_flat, values=new_values, src=new_src,
-        r_flat=r_flat, r_val=r_val, floor=floor,
-        replenished=replenished, scanned_added=added)
+        added += int(m)
+
+    vkeys, mask = _select._as_keys(values)
+    rkeys = _select._as_keys(r_val)[0]
+    ckeys = _select._as_keys(c_val)[0]
+    structure = (a_indptr, a_cols, x_indptr, x_cols, np.int64(n_cols))
+    keyed = (vkeys, r_flat, rkeys, c_flat, ckeys)
+    t_b, n_b, _, eq_b = _select.topk_threshold([values, r_val, c_val], k_b)
+    t_a, n_a, _, eq_a = _select.topk_threshold([values, r_val, c_val], k_a)
+    cut_b = _cut(structure, keyed, mask, t_b, n_b, eq_b)
+    cut_a = _cut(structure, keyed, mask, t_a, n_a, eq_a)
+
+    n_pool = values.shape[0] + r_flat.shape[0] + c_flat.shape[0]
+    na_indptr = np.empty(n_rows + 1, np.int64)
+    nx_indptr = np.empty(n_rows + 1, np.int64)
+    na_cols = np.empty(k_a, np.int32)
+    nx_cols = np.empty(k_b - k_a, np.int32)
+    nvals = np.empty(k_b, dtype)
+    src = np.empty(k_b if want_src else 0, np.int32 if k_b <= INT32_MAX else np.int64)
+    nr_flat = np.empty(n_pool - k_b, np.int64)
+    nr_val = np.empty(n_pool - k_b, dtype)
+    _pool.split_rows(np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols, values, vkeys,
+                     r_flat, r_val, rkeys, c_flat, c_val, ckeys, mask, t_a, np.int64(cut_a),
+                     t_b, np.int64(cut_b), na_indptr, na_cols, nx_indptr, nx_cols, nvals, src,
+                     nr_flat, nr_val)
+    del c_flat, c_val
+    trimmed = 0
+    if reserve_cap is not None and nr_flat.shape[0] > reserve_cap:
+        nr_flat, nr_val, floor, trimmed = _trim(nr_flat, nr_val, floor,
+                                                nr_flat.shape[0] - reserve_target,
+                                                reserve_target // 2, spec)
+    new_state = SparseState(n_cols, n_rows, torch.from_numpy(na_indptr),
+                            torch.from_numpy(na_cols), torch.from_numpy(nx_indptr),
+                            torch.from_numpy(nx_cols), torch.from_numpy(nr_flat),
+                            torch.from_numpy(nr_val), float(floor), state.key)
+    info = {"replenished": replenished, "scanned_added": added, "trimmed": trimmed}
+    if want_src:
+        k_a_old = a_cols.shape[0]
+        a_kept, b_kept, a_new = _src_counts(src, k_a, k_a_old)
+        info.update(changed_a=1.0 - a_kept / k_a, changed_b=1.0 - b_kept / k_b,
+                    entered_a_from_outside_b=int(a_new))
+    return Refresh(new_state, nvals, src, info)
 
 
-def flat_to_csr(flat: np.ndarray, n_rows: int, n_cols: int):
-    """CSR (indptr int64, cols int32) of sorted flat indices."""
-    rows = flat // n_cols
-    indptr = np.zeros(n_rows + 1, np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
-    return indptr, (flat - rows * n_cols).astype(np.int32)
-
-
-def csr_to_flat(indptr: np.ndarray, cols: np.ndarray, n_cols: int) -> np.ndarray:
-    rows = np.repeat(np.arange(indptr.shape[0] - 1, dtype=np.int64), np.diff(indptr))
-    return rows * n_cols + cols.astype(np.int64)
+def _trim(r_flat, r_val, floor, drop: int, keep_untrained: int, spec: InitSpec):
+    """Drop up to ``drop`` untrained reserve entries (value still theta0) with the
+    smallest magnitudes by raising the floor over them, keeping at least
+    ``keep_untrained`` of the largest ones (they let the next refresh stay inside
+    the pool). Exact: every coordinate outside the pool keeps its theta0 value and
+    |theta0| < floor, and the new floor is (one ulp above) a reserve magnitude, so
+    it stays at or near the K_B-th largest magnitude. Returns (r_flat, r_val, floor, trimmed)."""
+    untrained = np.empty(r_flat.shape[0], np.bool_)
+    _untrained(_init.key_to_uint64(spec.key), r_flat, r_val, spec.kind, spec.param,
+               spec.dtype == np.float32, untrained)
+    mags = np.abs(r_val[untrained])
+    drop = min(drop, mags.shape[0] - min(keep_untrained, mags.shape[0]))
+    if drop <= 0:
+        return r_flat, r_val, floor, 0
+    if drop < mags.shape[0]:
+        new_floor = float(np.partition(mags, drop)[drop])     # drops those below it
+    else:
+        new_floor = float(np.nextafter(mags.max(), np.inf))   # drops them all
+    new_floor = max(floor, new_floor)
+    del mags
+    keep = _pool.trim_reserve(r_flat, r_val, untrained, new_floor)
+    return r_flat[:keep].copy(), r_val[:keep].copy(), new_floor, r_flat.shape[0] - keep
 
 
 def layer_key(seed: int, name: str = "") -> int:

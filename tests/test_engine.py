@@ -81,7 +81,7 @@ def test_optimizer_state_follows_coordinates():
     layer.refresh(opt_e)
     ref.refresh(opt_r)
     order = torch.cat([layer.active_indices(),
-                       torch.from_numpy(layer._x_flat())])
+                       torch.from_numpy(layer.sparse_state.x_flat())])
     for key in ("exp_avg", "exp_avg_sq"):
         dense_state = opt_r.state[ref.theta][key].flatten()
         torch.testing.assert_close(opt_e.state[layer.values][key], dense_state[order],
@@ -104,7 +104,7 @@ def test_weight_gradient_matches_dense_formula():
     full = torch.einsum("abo,abi->oi", g, x.detach()).flatten()
     theta = layer.to_dense().flatten()
     a = layer.active_indices()
-    xb = torch.from_numpy(layer._x_flat())
+    xb = torch.from_numpy(layer.sparse_state.x_flat())
     expect = torch.cat([full[a] + lam * theta[a], full[xb] + lam / (1 - sf) * theta[xb]])
     torch.testing.assert_close(layer.values.grad, expect)
     torch.testing.assert_close(layer.bias.grad, g.sum(dim=(0, 1)))
@@ -117,7 +117,7 @@ def test_gradcheck_float64():
                              exploration=0.0, dtype=torch.float64)
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda inp, v, b: sc.functional.topkast_linear(
-        inp, v, layer.plan(), b), (x, layer.values, layer.bias))
+        inp, v, layer.sparse_state, b), (x, layer.values, layer.bias))
 
 
 def test_float32_matches_float64():
@@ -295,3 +295,35 @@ def test_state_dict_mismatch_refused_and_layer_unchanged():
     del missing["reserve_idx"]
     with pytest.raises(RuntimeError, match="missing"):
         dst.load_state_dict(missing)
+
+
+@pytest.mark.parametrize("reserve", [0.25, 1.0])
+def test_heavy_churn_trims_the_reserve_and_stays_exact(reserve):
+    """Refresh after every step with a large learning rate: the reserve fills with
+    coordinates that left B, gets trimmed back by raising the floor, and later
+    refreshes replenish below the raised floor. A, B and theta stay equal to the
+    dense reference throughout."""
+    torch.manual_seed(11)
+    layer, ref = _pair(in_f=60, out_f=40, sf=0.9, sb=0.8, reserve=reserve)
+    opt_e = torch.optim.AdamW(layer.parameters(), lr=0.2, weight_decay=0.5)
+    opt_r = torch.optim.AdamW(ref.parameters(), lr=0.2, weight_decay=0.5)
+    trimmed_at = replenished_after_trim = None
+    for step in range(24):
+        x = torch.randn(8, 60, dtype=torch.float64)
+        target = torch.randn(8, 40, dtype=torch.float64)
+        for model, opt in ((layer, opt_e), (ref, opt_r)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), target).backward()
+        opt_e.step()
+        ref.step(opt_r)
+        info = layer.refresh(opt_e)
+        ref.refresh(opt_r)
+        if info["trimmed"] and trimmed_at is None:
+            trimmed_at = step
+        if trimmed_at is not None and step > trimmed_at and info["replenished"]:
+            replenished_after_trim = step
+        assert torch.equal(layer.active_indices(), ref.active_indices()), step
+        assert torch.equal(layer.backward_indices(), ref.backward_indices()), step
+        torch.testing.assert_close(layer.to_dense(), ref.theta.detach(), rtol=0, atol=1e-9)
+    assert trimmed_at is not None, "the test must exercise the reserve trim"
+    assert replenished_after_trim is not None, "and a replenishing scan after a trim"

@@ -180,7 +180,7 @@ def test_inference_model_matches_and_holds_only_a():
                     for b in m.buffers(recurse=False))
     assert inf_bytes == _sparse_bytes_of_a(layers)
     b_bytes = sum(l.k_b for l in layers.values()) * 4
-    assert inf_bytes < b_bytes + sum(l.reserve_val.numel() * 4 for l in layers.values())
+    assert inf_bytes < b_bytes + sum(l.sparse_state.reserve_val.numel() * 4 for l in layers.values())
     for obj in _reachable(inf):
         assert not isinstance(obj, torch.optim.Optimizer)
 

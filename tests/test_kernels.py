@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from sparsecore import kernels
-from sparsecore.kernels import init as init_mod
-from sparsecore.kernels.select import kth_largest_magnitude
+from sparsecore.kernels.cpu import init as init_mod
+from sparsecore.kernels.cpu.select import kth_largest_magnitude
 
 # SPARSECORE_HYP_EXAMPLES=1000 for a deeper search; the default keeps the file around 30 s.
 _N_EX = int(os.environ.get("SPARSECORE_HYP_EXAMPLES", "30"))

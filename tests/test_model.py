@@ -528,7 +528,7 @@ def test_stats_consistent_with_layers():
         n_tot = l.in_features * l.out_features
         assert s["nnz_a"] == l.active_indices().numel() == _k(n_tot, 0.8)
         assert s["nnz_b"] == l.backward_indices().numel() == max(s["nnz_a"], _k(n_tot, 0.5))
-        assert s["pool"] == s["nnz_b"] + l.reserve_idx.numel()
+        assert s["pool"] == s["nnz_b"] + l.sparse_state.n_reserve
         assert s["dense_equivalent"] == n_tot
         assert 0.0 <= s["changed_a"] <= 1.0 and 0.0 <= s["changed_b"] <= 1.0
         assert s["changed_a"] == pytest.approx(last_changed_a[n], abs=1e-12), n
@@ -574,9 +574,9 @@ def test_memory_report_matches_tensors():
     assert rep["dense_parameters"] == dense_bytes == rep["dense_gradients"]
     assert rep["buffers"] == buffer_bytes
     assert rep["optimizer_state"] == 2 * (k_b_total * 4 + dense_bytes)
-    reserve = sum(_bytes(l.reserve_idx) + _bytes(l.reserve_val) for l in sparse.values())
+    reserve = sum(_bytes(l.sparse_state.reserve_idx) + _bytes(l.sparse_state.reserve_val) for l in sparse.values())
     assert rep["reserve"] == reserve
-    index = sum(_bytes(getattr(l, b)) for l in sparse.values()
+    index = sum(_bytes(getattr(l.sparse_state, b)) for l in sparse.values()
                 for b in ("a_indptr", "a_cols", "x_indptr", "x_cols", "at_indptr", "at_rows",
                           "at_perm"))
     assert rep["indices"] == index

@@ -115,8 +115,8 @@ _HUGE_SCRIPT = textwrap.dedent(f"""
     # right after a refresh B is the exact top-K_B: every reserve entry is at most
     # min |theta_B|, and min |theta_B| >= floor (everything outside the pool is below)
     min_abs_b = float(layer.values.detach().abs().min())
-    max_abs_reserve = float(layer.reserve_val.abs().max()) if layer.reserve_val.numel() else 0.0
-    floor = float(layer.floor)
+    max_abs_reserve = float(layer.sparse_state.reserve_val.abs().max()) if layer.sparse_state.reserve_val.numel() else 0.0
+    floor = float(layer.sparse_state.floor)
     train(2)                             # training goes on with the new sets
     v = layer.values.detach()
     print(json.dumps(dict(

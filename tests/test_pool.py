@@ -1,47 +1,118 @@
-"""Refresh helpers (sparsecore.kernels.pool) against plain NumPy."""
+"""The refresh's pool passes (sparsecore.kernels.cpu.pool) against plain NumPy."""
 import numpy as np
 import pytest
 
-from sparsecore.kernels import pool
+from sparsecore.kernels.cpu import pool, select
+from sparsecore.state import csr_to_flat, flat_to_csr
+
+N_ROWS, N_COLS = 13, 17
 
 
-@pytest.mark.parametrize("sizes", [(0, 0, 0), (5, 0, 3), (40, 17, 60), (1, 1, 1)])
-def test_merge_sorted_equals_sort(sizes):
-    rng = np.random.default_rng(sum(sizes))
-    idx = rng.choice(10_000, size=sum(sizes), replace=False)
-    pieces, start = [], 0
-    for i, n in enumerate(sizes):
-        f = np.sort(idx[start:start + n]).astype(np.int64)
-        pieces.append((f, rng.standard_normal(n), np.full(n, i, np.int64)))
-        start += n
-    flat, val, src = pool.merge_sorted(pieces)
-    allf = np.concatenate([p[0] for p in pieces])
-    allv = np.concatenate([p[1] for p in pieces])
-    alls = np.concatenate([p[2] for p in pieces])
-    order = np.argsort(allf)
-    assert np.array_equal(flat, allf[order])
-    assert np.array_equal(val, allv[order]) and np.array_equal(src, alls[order])
+def _pieces(rng, n_a, n_x, n_r, n_c, ties=False):
+    """Disjoint random A, X, R, C over a 13 x 17 layer (sorted flat indices) with
+    values; with ``ties`` many magnitudes coincide."""
+    idx = rng.choice(N_ROWS * N_COLS, size=n_a + n_x + n_r + n_c, replace=False)
+    vals = (rng.integers(-3, 4, idx.shape[0]).astype(np.float32) if ties
+            else rng.standard_normal(idx.shape[0]).astype(np.float32))
+    vals[vals == 0] = 0.5
+    out, s = [], 0
+    for n in (n_a, n_x, n_r, n_c):
+        order = np.argsort(idx[s:s + n])
+        out.append((idx[s:s + n][order].astype(np.int64), vals[s:s + n][order]))
+        s += n
+    return out
+
+
+def _top(flat, val, k):
+    order = np.lexsort((flat, -np.abs(val)))   # by |v| descending, then flat ascending
+    return set(flat[order[:k]].tolist())
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("sizes", [(10, 8, 12, 0), (10, 8, 0, 9), (5, 0, 20, 20), (30, 30, 30, 30)])
+def test_split_rows_equals_sorting(sizes, ties):
+    rng = np.random.default_rng(sum(sizes) + ties)
+    (fa, va), (fx, vx), (fr, vr), (fc, vc) = _pieces(rng, *sizes, ties=ties)
+    a_ip, a_c = flat_to_csr(fa, N_ROWS, N_COLS)
+    x_ip, x_c = flat_to_csr(fx, N_ROWS, N_COLS)
+    vals = np.concatenate([va, vx])
+    allf = np.concatenate([fa, fx, fr, fc])
+    allv = np.concatenate([vals, vr, vc])
+    k_b = (len(allf) * 2) // 3
+    k_a = max(1, k_b // 2)
+    vkeys, mask = select._as_keys(vals)
+    keyed = (vkeys, fr, select._as_keys(vr)[0], fc, select._as_keys(vc)[0])
+    cuts = []
+    for k in (k_a, k_b):
+        t, n_taken, _, n_eq = select.topk_threshold([vals, vr, vc], k)
+        out = np.empty(len(allf), np.int64)
+        cnt = pool.tie_flats(np.int64(N_COLS), a_ip, a_c, x_ip, x_c, *keyed[:1], fr, keyed[2],
+                             fc, keyed[4], mask, t, out)
+        assert cnt == n_eq
+        cuts.append((t, int(np.sort(out[:cnt])[n_taken - 1])))
+    (t_a, cut_a), (t_b, cut_b) = cuts
+    na_ip = np.empty(N_ROWS + 1, np.int64)
+    nx_ip = np.empty(N_ROWS + 1, np.int64)
+    na_c = np.empty(k_a, np.int32)
+    nx_c = np.empty(k_b - k_a, np.int32)
+    nv = np.empty(k_b, np.float32)
+    src = np.empty(k_b, np.int32)
+    nr_f = np.empty(len(allf) - k_b, np.int64)
+    nr_v = np.empty(len(allf) - k_b, np.float32)
+    pool.split_rows(np.int64(N_COLS), a_ip, a_c, x_ip, x_c, vals, vkeys, fr, vr, keyed[2], fc, vc,
+                    keyed[4], mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b),
+                    na_ip, na_c, nx_ip, nx_c, nv, src, nr_f, nr_v)
+    new_a = csr_to_flat(na_ip, na_c, N_COLS)
+    new_x = csr_to_flat(nx_ip, nx_c, N_COLS)
+    assert set(new_a.tolist()) == _top(allf, allv, k_a)
+    assert set(new_a.tolist()) | set(new_x.tolist()) == _top(allf, allv, k_b)
+    assert np.all(np.diff(new_a) > 0) and np.all(np.diff(new_x) > 0) and np.all(np.diff(nr_f) > 0)
+    value_of = dict(zip(allf.tolist(), allv.tolist()))
+    old_pos = {f: i for i, f in enumerate(np.concatenate([fa, fx]).tolist())}
+    for f, v, s in zip(np.concatenate([new_a, new_x]).tolist(), nv.tolist(), src.tolist()):
+        assert v == value_of[f] and s == old_pos.get(f, -1)
+    assert sorted(nr_f.tolist()) == sorted(set(allf.tolist()) - _top(allf, allv, k_b))
+    assert all(value_of[f] == v for f, v in zip(nr_f.tolist(), nr_v.tolist()))
+
+
+def test_dedupe_candidates_equals_setdiff():
+    rng = np.random.default_rng(5)
+    (fa, _), (fx, _), (fr, _), _ = _pieces(rng, 20, 15, 25, 0)
+    a_ip, a_c = flat_to_csr(fa, N_ROWS, N_COLS)
+    x_ip, x_c = flat_to_csr(fx, N_ROWS, N_COLS)
+    cand = np.sort(rng.choice(N_ROWS * N_COLS, 90, replace=False)).astype(np.int64)
+    expect = np.setdiff1d(cand, np.concatenate([fa, fx, fr]))
+    m = pool.dedupe_candidates(np.int64(N_COLS), a_ip, a_c, x_ip, x_c, fr, cand)
+    assert np.array_equal(cand[:m], expect)
+
+
+def test_check_disjoint_finds_each_defect():
+    rng = np.random.default_rng(6)
+    (fa, _), (fx, _), (fr, _), _ = _pieces(rng, 20, 15, 25, 0)
+    a_ip, a_c = flat_to_csr(fa, N_ROWS, N_COLS)
+    x_ip, x_c = flat_to_csr(fx, N_ROWS, N_COLS)
+    n = N_ROWS * N_COLS
+    assert pool.check_disjoint(N_COLS, a_ip, a_c, x_ip, x_c, fr, n) == ""
+    overlap = np.sort(np.concatenate([fr, fa[:1]]))
+    assert "overlap" in pool.check_disjoint(N_COLS, a_ip, a_c, x_ip, x_c, overlap, n)
+    assert "reserve" in pool.check_disjoint(N_COLS, a_ip, a_c, x_ip, x_c, fr[::-1].copy(), n)
+    row = int(np.flatnonzero(np.diff(a_ip) >= 2)[0])
+    bad = a_c.copy()
+    bad[a_ip[row]], bad[a_ip[row] + 1] = bad[a_ip[row] + 1], bad[a_ip[row]]
+    assert "A's columns" in pool.check_disjoint(N_COLS, a_ip, bad, x_ip, x_c, fr, n)
 
 
 def test_gather_or_zero():
     t = np.arange(10, dtype=np.float32) + 1
-    src = np.array([3, -1, 0, 9, -1], np.int64)
-    assert np.array_equal(pool.gather_or_zero(t, src), np.array([4, 0, 1, 10, 0], np.float32))
+    src = np.array([3, -1, 0, 9, -1], np.int32)
+    out = np.empty(5, np.float32)
+    pool.gather_or_zero(t, src, out)
+    assert np.array_equal(out, np.array([4, 0, 1, 10, 0], np.float32))
 
 
-@pytest.mark.parametrize("n, k_b, k_a", [(50, 20, 7), (10, 10, 10), (10, 3, 0), (1, 1, 1)])
-def test_split_pool_equals_masks(n, k_b, k_a):
-    rng = np.random.default_rng(n + k_b)
-    flat = np.sort(rng.choice(1000, n, replace=False)).astype(np.int64)
-    val, src = rng.standard_normal(n), rng.integers(-1, 50, n).astype(np.int64)
-    b_pos = np.sort(rng.choice(n, k_b, replace=False)).astype(np.int64)
-    a_in_b = np.sort(rng.choice(k_b, k_a, replace=False)).astype(np.int64)
-    a_f, x_f, v, s, r_f, r_v = pool.split_pool(flat, val, src, b_pos, a_in_b)
-    is_a = np.zeros(k_b, bool)
-    is_a[a_in_b] = True
-    in_b = np.zeros(n, bool)
-    in_b[b_pos] = True
-    order = np.concatenate([b_pos[is_a], b_pos[~is_a]])
-    assert np.array_equal(a_f, flat[b_pos[is_a]]) and np.array_equal(x_f, flat[b_pos[~is_a]])
-    assert np.array_equal(v, val[order]) and np.array_equal(s, src[order])
-    assert np.array_equal(r_f, flat[~in_b]) and np.array_equal(r_v, val[~in_b])
+def test_trim_reserve_keeps_trained_and_large():
+    f = np.arange(6, dtype=np.int64)
+    v = np.array([0.1, 0.5, 0.2, 0.05, 0.9, 0.01], np.float32)
+    untrained = np.array([True, True, False, True, True, False])
+    keep = pool.trim_reserve(f, v, untrained, 0.3)
+    assert f[:keep].tolist() == [1, 2, 4, 5]

@@ -20,12 +20,12 @@ import numba as nb
 import numpy as np
 import torch
 
-from . import init as _init
-from . import sddmm as _sddmm
-from . import select as _select
-from . import spmm as _spmm
-from . import spmm_t as _spmm_t
-from ._validate import as_numpy, check_csr, check_dense, check_float
+from .cpu import init as _init
+from .cpu import sddmm as _sddmm
+from .cpu import select as _select
+from .cpu import spmm as _spmm
+from .cpu import spmm_t as _spmm_t
+from .cpu._validate import as_numpy, check_csr, check_dense, check_float
 
 __all__ = ["backend_name", "spmm", "spmm_t", "transpose_csr", "sddmm", "select_topk",
            "init_values", "scan"]

@@ -13,7 +13,8 @@ Performance layout (measured on a 2-core Zen 4, see docs/benchmarks.md):
 * **Column tiles.** Within a panel, W's columns are walked in tiles of ``T`` so
   that the touched ``xt[tile, panel]`` block (T x P values) stays in L2 while a
   block of rows reuses it; the partial sums of a row are carried in ``yt``
-  between tiles. Every stored value is visited exactly once whatever the column
+  between tiles. Only tiles holding entries of the block are visited, so the
+  work stays O(nnz * n + rows) however wide the layer. Every stored value is visited exactly once whatever the column
   order inside a row; the tiling only pays off when columns ascend (the engine's
   structures do).
 * **Transposed values.** With a permutation (``spmm_t``) and more than one panel,
@@ -54,6 +55,23 @@ def _stack_buffer(typingctx, n_ty, dtype_ty):
 
 
 @nb.njit(inline="always", cache=True)
+def next_tile(indices, indptr, cur, r0, r1, T):
+    """End column of the next column tile (of width T) that holds an unvisited
+    entry of rows [r0, r1), or -1 when all are visited. Jumping to it keeps the
+    per-call work O(nnz + rows): empty tiles are never visited."""
+    lo = -1
+    for r in range(r0, r1):
+        k = cur[r - r0]
+        if k < indptr[r + 1]:
+            c = indices[k]
+            if lo < 0 or c < lo:
+                lo = c
+    if lo < 0:
+        return -1
+    return (lo // T + 1) * T
+
+
+@nb.njit(inline="always", cache=True)
 def tile_end(indices, k, e, c1):
     """First position in [k, e) whose column is >= c1 (columns ascend in a row):
     the end of this row's entries in the current column tile."""
@@ -72,7 +90,6 @@ def _make_panel_kernel(P, use_perm):
         """yt[:, j_start:j_stop] = (W @ xt)[:, j_start:j_stop], panels of exactly P
         columns ((j_stop - j_start) % P == 0); P and use_perm are compile-time."""
         nrows = indptr.shape[0] - 1
-        ncols = xt.shape[0]
         nblk = (nrows + RB - 1) // RB
         for b in nb.prange(nblk):
             r0 = b * RB
@@ -86,7 +103,10 @@ def _make_panel_kernel(P, use_perm):
             for j0 in range(j_start, j_stop, P):
                 for r in range(r0, r1):
                     cur[r - r0] = indptr[r]
-                for c1 in range(T, ncols + T, T):
+                while True:
+                    c1 = next_tile(indices, indptr, cur, r0, r1, T)
+                    if c1 < 0:
+                        break
                     for r in range(r0, r1):
                         k = cur[r - r0]
                         k1 = tile_end(indices, k, indptr[r + 1], c1)

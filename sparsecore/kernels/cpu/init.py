@@ -73,10 +73,10 @@ def _values_kernel(key, idx, kind, param, round32, out):
 
 
 @nb.njit(parallel=True, cache=True)
-def _scan_kernel(key, start, stop, nparts, floor, kind, param, round32, skip, out, counts,
+def _scan_kernel(key, start, stop, nparts, floor, ceil, kind, param, round32, skip, out, counts,
                  u1_max=2.0):
-    """Per part p: flat indices in its slice of [start, stop) with |theta0| >= floor
-    that are not in the sorted array ``skip``; at most out.shape[1] are stored,
+    """Per part p: flat indices in its slice of [start, stop) with floor <= |theta0|
+    < ceil that are not in the sorted array ``skip``; at most out.shape[1] are stored,
     counts[p] gets the true number (so the caller can detect overflow).
     For NORMAL, |theta0| <= param*sqrt(-2 ln u1), so u1 > u1_max rules a
     coordinate out before the costly log/cos."""
@@ -95,7 +95,7 @@ def _scan_kernel(key, start, stop, nparts, floor, kind, param, round32, skip, ou
                 if kind == 1 and (np.float64(z >> _S11) + 1.0) * _INV53 > u1_max:
                     continue
                 v = _theta0_from_hash(z, kind, param, round32)
-                if abs(v) >= floor:
+                if abs(v) >= floor and abs(v) < ceil:
                     while j < nskip and skip[j] < i:
                         j += 1
                     if j < nskip and skip[j] == i:
@@ -114,11 +114,11 @@ def init_values(key: int, flat_idx: np.ndarray, kind: int, param: float,
                 dtype=np.float32) -> np.ndarray:
     """theta0 at the given flat indices, as ``dtype`` (float32 or float64)."""
     idx = np.ascontiguousarray(flat_idx, dtype=np.int64)
-    out = np.empty(idx.shape[0], dtype=np.float64)
+    out = np.empty(idx.shape[0], dtype=dtype)  # float32 values are computed exactly rounded
     if idx.shape[0]:
         _values_kernel(key_to_uint64(key), idx, int(kind), float(param),
                        np.dtype(dtype) == np.float32, out)
-    return out.astype(dtype, copy=False)
+    return out
 
 
 def magnitude_cdf(t: float, kind: int, param: float) -> float:
@@ -143,10 +143,11 @@ def magnitude_quantile(p: float, kind: int, param: float) -> float:
 
 def scan(key: int, n_total: int, floor: float, kind: int, param: float, *,
          dtype=np.float32, skip: np.ndarray | None = None,
-         chunk: int = 1 << 26, nparts: int | None = None) -> np.ndarray:
-    """Sorted flat indices i in [0, n_total) with |theta0(key, i)| >= floor and i not
-    in ``skip`` (sorted int64). Streams over the index range in chunks; memory is
-    O(result + chunk / nparts), never O(n_total)."""
+         chunk: int = 1 << 26, nparts: int | None = None,
+         ceil: float = math.inf) -> np.ndarray:
+    """Sorted flat indices i in [0, n_total) with floor <= |theta0(key, i)| < ceil
+    and i not in ``skip`` (sorted int64). Streams over the index range in chunks;
+    memory is O(result + chunk / nparts), never O(n_total)."""
     n_total = int(n_total)
     if n_total < 0:
         raise ValueError(f"n_total must be >= 0, got {n_total}")
@@ -155,12 +156,28 @@ def scan(key: int, n_total: int, floor: float, kind: int, param: float, *,
         nparts = 4 * nb.get_num_threads()
     k = key_to_uint64(key)
     round32 = np.dtype(dtype) == np.float32
-    p_hit = 1.0 - magnitude_cdf(floor, kind, param)
+    p_hit = (magnitude_cdf(ceil, kind, param) if math.isfinite(ceil) else 1.0) \
+        - magnitude_cdf(floor, kind, param)
     # prefilter bound for NORMAL (with slack for the float32 rounding of the value)
     u1_max = 2.0
     if kind == NORMAL and floor > 0:
         u1_max = math.exp(-0.5 * (floor * (1 - 1e-6) / param) ** 2) * (1 + 1e-12)
-    pieces = []
+    # One result array sized from the expected hit count (grown by 1/4 in the rare
+    # case it overflows), so the peak is the result plus one chunk's buffer, not
+    # a list of pieces plus their concatenation.
+    expect = n_total * max(p_hit, 0.0)
+    res = np.empty(int(expect * 1.002 + 6 * math.sqrt(expect) + 1024), np.int64)
+    m = 0
+
+    def put(piece):
+        nonlocal res, m
+        if m + piece.shape[0] > res.shape[0]:
+            grown = np.empty(max(m + piece.shape[0], res.shape[0] + res.shape[0] // 4), np.int64)
+            grown[:m] = res[:m]
+            res = grown
+        res[m:m + piece.shape[0]] = piece
+        m += piece.shape[0]
+
     for start in range(0, n_total, chunk):
         stop = min(start + chunk, n_total)
         part_len = -(-(stop - start) // nparts)
@@ -168,20 +185,18 @@ def scan(key: int, n_total: int, floor: float, kind: int, param: float, *,
         cap = min(cap, part_len)
         out = np.empty((nparts, cap), np.int64)
         counts = np.zeros(nparts, np.int64)
-        _scan_kernel(k, start, stop, nparts, float(floor), int(kind), float(param),
+        _scan_kernel(k, start, stop, nparts, float(floor), float(ceil), int(kind), float(param),
                      round32, skip, out, counts, u1_max)
         for p in range(nparts):
             c = int(counts[p])
             if c <= cap:
-                pieces.append(out[p, :c].copy())
+                put(out[p, :c])
             else:  # rare: more hits than the estimate; redo this part exactly
                 s = start + p * part_len
                 e = min(s + part_len, stop)
                 big = np.empty((1, c), np.int64)
                 cnt = np.zeros(1, np.int64)
-                _scan_kernel(k, s, e, 1, float(floor), int(kind), float(param),
+                _scan_kernel(k, s, e, 1, float(floor), float(ceil), int(kind), float(param),
                              round32, skip, big, cnt, u1_max)
-                pieces.append(big[0, :c].copy())
-    if not pieces:
-        return np.empty(0, np.int64)
-    return np.concatenate(pieces)
+                put(big[0, :c])
+    return res[:m]

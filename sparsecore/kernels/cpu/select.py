@@ -204,20 +204,24 @@ def _as_keys(values: np.ndarray):
     return values.view(np.uint32), np.uint32(0x7FFFFFFF)
 
 
-def topk_threshold(values: np.ndarray, k: int, nparts: int | None = None):
-    """(key, n_ties, (keys, mask)): the magnitude bit-key of the k-th largest
-    |value|, how many entries equal to it belong to the top k, and the key view."""
-    n = values.shape[0]
-    keys, absmask = _as_keys(values)
+def topk_threshold(values, k: int, nparts: int | None = None):
+    """(key, n_ties, mask, n_equal): the magnitude bit-key of the k-th largest
+    |value| over ``values`` (one array, or a list of arrays of one dtype taken
+    together, never concatenated), how many entries equal to it belong to the top
+    k, the mask that clears the sign bit, and how many entries equal it in all."""
+    arrays = values if isinstance(values, (list, tuple)) else [values]
+    keyed = [_as_keys(a) for a in arrays]
+    absmask = keyed[0][1]
     if nparts is None:
         nparts = 4 * nb.get_num_threads()
-    width = 64 if values.dtype == np.float64 else 32
+    width = 64 if arrays[0].dtype == np.float64 else 32
     prefix = np.uint64(0)
     remaining = k  # rank still to find inside the current bucket (1-based from top)
     shift = width - _BITS
     prefix_shift = 64
     while True:
-        hist = _histogram(keys, absmask, shift, prefix, prefix_shift, nparts)
+        hist = sum(_histogram(kk, absmask, shift, prefix, prefix_shift, nparts)
+                   for kk, _ in keyed)
         # walk buckets from the top until the k-th largest is inside
         csum = np.cumsum(hist[::-1])
         b_rev = int(np.searchsorted(csum, remaining))
@@ -227,8 +231,14 @@ def topk_threshold(values: np.ndarray, k: int, nparts: int | None = None):
         prefix = (prefix << np.uint64(_BITS)) | np.uint64(bucket)
         prefix_shift = shift
         if shift == 0:
-            return keys.dtype.type(prefix), remaining, (keys, absmask)
+            return keyed[0][0].dtype.type(prefix), remaining, absmask, int(hist[bucket])
         shift -= _BITS
+
+
+def key_to_magnitude(key, dtype) -> float:
+    """The float magnitude whose bit pattern is ``key``."""
+    fdtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    return float(np.array([key]).view(fdtype)[0])
 
 
 def select_topk(values: np.ndarray, k: int) -> np.ndarray:
@@ -247,15 +257,15 @@ def select_topk(values: np.ndarray, k: int) -> np.ndarray:
         out = _select_sampled(keys, absmask, int(k), nparts)
         if out is not None:
             return out
-    thresh, n_ties, (keys, absmask) = topk_threshold(values, k)
+    thresh, n_ties, absmask, _ = topk_threshold(values, k)
     out = np.empty(k, np.int64)
     _collect(keys, absmask, thresh, n_ties, nparts, out)
     return out
 
 
-def kth_largest_magnitude(values: np.ndarray, k: int) -> float:
-    """|value| of the k-th largest magnitude (k >= 1)."""
-    thresh, _, _ = topk_threshold(values, k)
+def kth_largest_magnitude(values, k: int) -> float:
+    """|value| of the k-th largest magnitude (k >= 1) over one array or a list."""
     assert k >= 1
-    fdtype = np.float64 if values.dtype == np.float64 else np.float32
-    return float(np.array([thresh]).view(fdtype)[0])
+    thresh = topk_threshold(values, k)[0]
+    first = values[0] if isinstance(values, (list, tuple)) else values
+    return key_to_magnitude(thresh, first.dtype)

@@ -31,14 +31,15 @@ def _transpose_kernel(indptr, indices, n_cols, t_indptr, t_rows, t_perm):
             fill[c] = pos + 1
 
 
-def transpose_csr(indptr: np.ndarray, indices: np.ndarray, n_cols: int):
-    """CSR of W^T: (t_indptr int64 (n_cols+1), t_rows int32, t_perm int64)
+def transpose_csr(indptr: np.ndarray, indices: np.ndarray, n_cols: int,
+                  perm_dtype=np.int64):
+    """CSR of W^T: (t_indptr int64 (n_cols+1), t_rows int32, t_perm ``perm_dtype``)
     with W^T's k-th stored value equal to ``data[t_perm[k]]``; rows ascending
     within each column (a counting sort, O(nnz + n_cols))."""
     nnz = indices.shape[0]
     t_indptr = np.zeros(n_cols + 1, np.int64)
     t_rows = np.empty(nnz, np.int32)
-    t_perm = np.empty(nnz, np.int64)
+    t_perm = np.empty(nnz, perm_dtype)
     _transpose_kernel(indptr, indices, n_cols, t_indptr, t_rows, t_perm)
     return t_indptr, t_rows, t_perm
 

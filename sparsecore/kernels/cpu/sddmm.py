@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .spmm import tile_end
+from .spmm import next_tile, tile_end
 
 
 _L2_TILE_BYTES = 384 * 1024   # target size of the xt tile kept in L2 per thread
@@ -26,7 +26,6 @@ def _sddmm_kernel(indptr, indices, gt, xt, theta, reg, zero, out, T, RB):
     while every row of the block reuses them. Four stored values share each
     load of ``gt[row]``."""
     nrows = indptr.shape[0] - 1
-    ncols = xt.shape[0]
     n = gt.shape[1]
     use_reg = reg != 0.0
     nblk = (nrows + RB - 1) // RB
@@ -34,7 +33,10 @@ def _sddmm_kernel(indptr, indices, gt, xt, theta, reg, zero, out, T, RB):
         r0 = b * RB
         r1 = min(r0 + RB, nrows)
         cur = indptr[r0:r1].copy()
-        for c1 in range(T, ncols + T, T):
+        while True:
+            c1 = next_tile(indices, indptr, cur, r0, r1, T)
+            if c1 < 0:
+                break
             for r in range(r0, r1):
                 k = cur[r - r0]
                 k1 = tile_end(indices, k, indptr[r + 1], c1)

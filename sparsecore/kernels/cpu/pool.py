@@ -1,0 +1,284 @@
+"""The refresh's passes over the candidate pool (CPU, Numba), all O(pool + rows).
+
+The pool of a layer is held in three pieces, each sorted by flat index
+``i = row * n_cols + col``: the forward set A and the rest of the backward set,
+X = B minus A (both as CSR row pointers + int32 columns, values in one array
+``vals`` = [A row-major, X row-major]), and the reserve R (int64 flat indices
++ values). A replenishing scan adds a fourth piece, the candidates C (sorted
+flat indices + values). No pass here materialises the merged pool: each walks
+the pieces row by row as a four-way merge on the column, so the only arrays
+allocated are the outputs, each of its exact final size.
+
+Membership in a top set is decided by a threshold on the magnitude's bit key
+(``key & mask`` orders like ``|value|``) and, for entries exactly at the
+threshold, a cut on the flat index (ties go to the smaller index):
+``in_top = key > t or (key == t and flat <= cut)``.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+_BIG = np.int64(1) << np.int64(62)
+
+
+@nb.njit(inline="always", cache=True)
+def _next(n_cols, row, a_indptr, a_cols, pa, x_indptr, x_cols, px, r_flat, pr,
+          c_flat, pc):
+    """Smallest column among the four streams' heads in ``row`` and which stream
+    holds it (0 A, 1 X, 2 R, 3 C; -1 when the row is exhausted)."""
+    base = np.int64(row) * n_cols
+    best = _BIG
+    which = -1
+    if pa < a_indptr[row + 1]:
+        best = np.int64(a_cols[pa])
+        which = 0
+    if px < x_indptr[row + 1] and np.int64(x_cols[px]) < best:
+        best = np.int64(x_cols[px])
+        which = 1
+    if pr < r_flat.shape[0] and r_flat[pr] < base + n_cols and r_flat[pr] - base < best:
+        best = r_flat[pr] - base
+        which = 2
+    if pc < c_flat.shape[0] and c_flat[pc] < base + n_cols and c_flat[pc] - base < best:
+        best = c_flat[pc] - base
+        which = 3
+    return best, which
+
+
+@nb.njit(cache=True)
+def dedupe_candidates(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, c_flat):
+    """Compact ``c_flat`` (sorted) in place, dropping indices already in A, X or R;
+    returns the number kept. O(pool + candidates)."""
+    n_rows = a_indptr.shape[0] - 1
+    pa = np.int64(0)
+    px = np.int64(0)
+    pr = np.int64(0)
+    keep = np.int64(0)
+    pc = np.int64(0)
+    nc = c_flat.shape[0]
+    while pc < nc:
+        f = c_flat[pc]
+        row = f // n_cols
+        col = f - row * n_cols
+        if row >= n_rows:
+            break
+        pa = max(pa, a_indptr[row])
+        while pa < a_indptr[row + 1] and a_cols[pa] < col:
+            pa += 1
+        px = max(px, x_indptr[row])
+        while px < x_indptr[row + 1] and x_cols[px] < col:
+            px += 1
+        while pr < r_flat.shape[0] and r_flat[pr] < f:
+            pr += 1
+        dup = ((pa < a_indptr[row + 1] and a_cols[pa] == col)
+               or (px < x_indptr[row + 1] and x_cols[px] == col)
+               or (pr < r_flat.shape[0] and r_flat[pr] == f))
+        if not dup:
+            c_flat[keep] = f
+            keep += 1
+        pc += 1
+    return keep
+
+
+@nb.njit(cache=True)
+def tie_flats(n_cols, a_indptr, a_cols, x_indptr, x_cols, vkeys, r_flat, rkeys, c_flat,
+              ckeys, mask, t, out):
+    """Flat indices of the pool entries whose magnitude key equals ``t``, written
+    to ``out`` (ascending) up to its length; returns their total number."""
+    n_rows = a_indptr.shape[0] - 1
+    k_a = a_cols.shape[0]
+    pa = np.int64(0)
+    px = np.int64(0)
+    pr = np.int64(0)
+    pc = np.int64(0)
+    cnt = 0
+    cap = out.shape[0]
+    for row in range(n_rows):
+        base = np.int64(row) * n_cols
+        while True:
+            col, which = _next(n_cols, row, a_indptr, a_cols, pa, x_indptr, x_cols, px,
+                               r_flat, pr, c_flat, pc)
+            if which < 0:
+                break
+            if which == 0:
+                k = vkeys[pa] & mask
+                pa += 1
+            elif which == 1:
+                k = vkeys[k_a + px] & mask
+                px += 1
+            elif which == 2:
+                k = rkeys[pr] & mask
+                pr += 1
+            else:
+                k = ckeys[pc] & mask
+                pc += 1
+            if k == t:
+                if cnt < cap:
+                    out[cnt] = base + col
+                cnt += 1
+    return cnt
+
+
+@nb.njit(cache=True)
+def split_rows(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_val, rkeys,
+               c_flat, c_val, ckeys, mask, t_a, cut_a, t_b, cut_b,
+               na_indptr, na_cols, nx_indptr, nx_cols, nvals, src, nr_flat, nr_val):
+    """One pass over the pool, row by row: every entry goes to the new A, the new
+    X or the new reserve by the thresholds. Writes the new CSR structures, the new
+    values [A, X], ``src`` (the old position in ``vals`` of each new value, -1 when
+    it comes from R or C) and the new reserve. Pass ``src`` of length 0 to skip it.
+    Every output has its exact final size; returns nothing."""
+    n_rows = a_indptr.shape[0] - 1
+    k_a_old = a_cols.shape[0]
+    k_a_new = na_cols.shape[0]
+    want_src = src.shape[0] > 0
+    pa = np.int64(0)
+    px = np.int64(0)
+    pr = np.int64(0)
+    pc = np.int64(0)
+    ia = np.int64(0)
+    ix = np.int64(0)
+    ir = np.int64(0)
+    na_indptr[0] = 0
+    nx_indptr[0] = 0
+    for row in range(n_rows):
+        base = np.int64(row) * n_cols
+        while True:
+            col, which = _next(n_cols, row, a_indptr, a_cols, pa, x_indptr, x_cols, px,
+                               r_flat, pr, c_flat, pc)
+            if which < 0:
+                break
+            if which == 0:
+                pos = pa
+                v = vals[pa]
+                k = vkeys[pa] & mask
+                pa += 1
+            elif which == 1:
+                pos = k_a_old + px
+                v = vals[pos]
+                k = vkeys[pos] & mask
+                px += 1
+            elif which == 2:
+                pos = -1
+                v = r_val[pr]
+                k = rkeys[pr] & mask
+                pr += 1
+            else:
+                pos = -1
+                v = c_val[pc]
+                k = ckeys[pc] & mask
+                pc += 1
+            f = base + col
+            if k > t_a or (k == t_a and f <= cut_a):
+                na_cols[ia] = col
+                nvals[ia] = v
+                if want_src:
+                    src[ia] = pos
+                ia += 1
+            elif k > t_b or (k == t_b and f <= cut_b):
+                nx_cols[ix] = col
+                nvals[k_a_new + ix] = v
+                if want_src:
+                    src[k_a_new + ix] = pos
+                ix += 1
+            else:
+                nr_flat[ir] = f
+                nr_val[ir] = v
+                ir += 1
+        na_indptr[row + 1] = ia
+        nx_indptr[row + 1] = ix
+
+
+@nb.njit(cache=True)
+def merge_sorted(fa, va, fb, vb, fo, vo):
+    """Merge two (flat, value) runs sorted by flat index with disjoint indices."""
+    i = j = k = 0
+    na, nb_ = fa.shape[0], fb.shape[0]
+    while i < na or j < nb_:
+        if j >= nb_ or (i < na and fa[i] < fb[j]):
+            fo[k] = fa[i]
+            vo[k] = va[i]
+            i += 1
+        else:
+            fo[k] = fb[j]
+            vo[k] = vb[j]
+            j += 1
+        k += 1
+
+
+@nb.njit(parallel=True, cache=True)
+def gather_or_zero(t, src, out):
+    """out[i] = t[src[i]] where src[i] >= 0, else 0."""
+    for i in nb.prange(src.shape[0]):
+        s = src[i]
+        out[i] = t[s] if s >= 0 else 0
+
+
+@nb.njit(cache=True)
+def trim_reserve(r_flat, r_val, untrained, floor):
+    """Compact the reserve in place, dropping untrained entries (still theta0)
+    with magnitude below ``floor``; returns the number kept."""
+    keep = 0
+    for i in range(r_flat.shape[0]):
+        if untrained[i] and abs(r_val[i]) < floor:
+            continue
+        r_flat[keep] = r_flat[i]
+        r_val[keep] = r_val[i]
+        keep += 1
+    return keep
+
+
+@nb.njit(cache=True)
+def _disjoint_kernel(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, n_total):
+    """(code, position): 0 if A and X have strictly ascending columns in every row,
+    the reserve is strictly ascending in [0, n_total), and the three are disjoint;
+    else 1 (A unsorted), 2 (X unsorted), 3 (reserve unsorted or out of range),
+    4 (pieces overlap) and where."""
+    for i in range(r_flat.shape[0]):
+        if r_flat[i] < 0 or r_flat[i] >= n_total or (i > 0 and r_flat[i] <= r_flat[i - 1]):
+            return 3, i
+    n_rows = a_indptr.shape[0] - 1
+    pr = 0
+    for row in range(n_rows):
+        for k in range(a_indptr[row] + 1, a_indptr[row + 1]):
+            if a_cols[k] <= a_cols[k - 1]:
+                return 1, k
+        for k in range(x_indptr[row] + 1, x_indptr[row + 1]):
+            if x_cols[k] <= x_cols[k - 1]:
+                return 2, k
+        base = np.int64(row) * n_cols
+        pa = a_indptr[row]
+        px = x_indptr[row]
+        ea = a_indptr[row + 1]
+        ex = x_indptr[row + 1]
+        while pr < r_flat.shape[0] and r_flat[pr] < base:
+            pr += 1
+        prev = np.int64(-1)
+        while True:
+            col, which = _next(n_cols, row, a_indptr, a_cols, pa, x_indptr, x_cols, px,
+                               r_flat, pr, r_flat[:0], 0)
+            if which < 0:
+                break
+            if col == prev:
+                return 4, base + col
+            prev = col
+            if which == 0:
+                pa += 1
+            elif which == 1:
+                px += 1
+            else:
+                pr += 1
+        if pa != ea or px != ex:  # pragma: no cover (the merge consumes both rows)
+            return 4, base
+    return 0, 0
+
+
+def check_disjoint(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, n_total) -> str:
+    """Empty string when the pool pieces are well formed (see
+    :func:`_disjoint_kernel`), else a message naming the problem."""
+    code, pos = _disjoint_kernel(np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols,
+                                 r_flat, np.int64(n_total))
+    return {0: "", 1: f"A's columns are not strictly ascending within a row (entry {pos})",
+            2: f"B minus A's columns are not strictly ascending within a row (entry {pos})",
+            3: f"reserve indices are not sorted, unique and in [0, {n_total}) (entry {pos})",
+            4: f"A, B minus A and the reserve overlap at flat index {pos}"}[int(code)]
