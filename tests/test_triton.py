@@ -389,3 +389,29 @@ def test_int32_indices_into_huge_activations():
     gt = torch.ones(2, n, dtype=torch.bfloat16, device="cuda")
     dw = tb.sddmm(indptr, indices, gt, xt)
     assert torch.equal(dw.cpu(), torch.tensor([1.0, 3.0, 2.0]) * n)
+
+
+# --------------------------------------------------------------------------------------------
+# The prepared GPU benchmark script (its CPU dry run)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(COMPILED, reason="the dry run is interpreted; the GPU run is the real one")
+def test_gpu_benchmark_dry_run(tmp_path):
+    """benchmarks/gpu.py --dry-run: every timing path on tiny shapes, JSON written."""
+    import json
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu.py"), "--dry-run",
+                        "--skip-tests", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300, cwd=root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    recs = res["records"]
+    kinds = {(x["product"], x["backend"]) for x in recs if "ms" in x}
+    for prod in ("spmm", "spmm_t", "sddmm"):
+        for b in ("triton-fp32", "triton-bf16", "torch-csr-fp32", "dense-fp32", "dense-tf32",
+                  "dense-bf16"):
+            assert (prod, b) in kinds
+    errs = [x["max_rel_err"] for x in recs if "max_rel_err" in x]
+    assert errs and max(errs) < 1e-2
+    assert set(res["best_cfg"]) == {"spmm", "spmm_t", "sddmm"}
