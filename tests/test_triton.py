@@ -415,3 +415,40 @@ def test_gpu_benchmark_dry_run(tmp_path):
     errs = [x["max_rel_err"] for x in recs if "max_rel_err" in x]
     assert errs and max(errs) < 1e-2
     assert set(res["best_cfg"]) == {"spmm", "spmm_t", "sddmm"}
+
+
+# --------------------------------------------------------------------------------------------
+# Optional: radix-select threshold
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["random", "ties", "zeros_and_inf"])
+def test_topk_threshold(case):
+    g = torch.Generator().manual_seed(30)
+    n = 3000
+    if case == "random":
+        v = torch.randn(n, generator=g) * torch.exp(4 * torch.randn(n, generator=g))
+    elif case == "ties":  # few distinct magnitudes, both signs
+        v = torch.randint(-5, 6, (n,), generator=g).float() * 0.25
+    else:
+        v = torch.randn(n, generator=g)
+        v[::7] = 0.0
+        v[5:9] = float("inf")
+        v[100] = -float("inf")
+    keys = v.abs().view(torch.int32).to(DEVICE)
+    mags = v.abs().double()
+    for k in (1, 2, 17, 1000, n // 2, n - 1, n):
+        thr, above = tb.topk_threshold(keys, k, block=512)
+        ref = torch.topk(mags, k).values[-1]  # the oracle: k-th largest magnitude
+        got = torch.tensor([thr], dtype=torch.int32).view(torch.float32).double()[0]
+        assert got == ref, (k, got, ref)
+        assert above == int((mags > ref).sum()) and above < k <= above + int((mags == ref).sum())
+
+
+def test_topk_threshold_errors():
+    keys = torch.arange(10, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 10\]"):
+        tb.topk_threshold(keys, 0)
+    with pytest.raises(TypeError, match="values_abs_bits must be a 1-D torch.int32"):
+        tb.topk_threshold(keys.float(), 3)
+    with pytest.raises(ValueError, match="negative keys"):
+        tb.topk_threshold(keys - 5, 3)

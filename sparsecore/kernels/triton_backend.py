@@ -484,5 +484,61 @@ def spmm_torch_csr(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Te
 # Optional: radix-select threshold for an on-device top-K (not used by the engine)
 # ----------------------------------------------------------------------------------------
 
-def topk_threshold(*args, **kwargs):  # replaced below if implemented
-    raise NotImplementedError("topk_threshold is not implemented")
+_RADIX_BITS = 8
+_RADIX_SHIFTS = (24, 16, 8, 0)  # keys are non-negative int32: 31 significant bits
+
+
+@triton.jit
+def _radix_hist_kernel(keys_ptr, n, hist_ptr, prefix, shift, FIRST: tl.constexpr,
+                       BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """hist[d] += #{keys whose bits above shift + BITS equal prefix and whose digit at
+    shift is d}; every key counts in the first pass."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    key = tl.load(keys_ptr + offs, mask=m, other=0)
+    if not FIRST:
+        m = m & ((key >> (shift + BITS)) == prefix)
+    digit = (key >> shift) & ((1 << BITS) - 1)
+    h = tl.histogram(digit, 1 << BITS, mask=m)
+    tl.atomic_add(hist_ptr + tl.arange(0, 1 << BITS), h)
+
+
+def topk_threshold(values_abs_bits: torch.Tensor, k: int, *, block: int = 1024):
+    """Radix (histogram) select of the k-th largest key; optional, not used by the engine.
+
+    ``values_abs_bits`` is the int32 view of float32 magnitudes
+    (``values.abs().view(torch.int32)``): non-negative floats order like these integers.
+    Returns ``(threshold_bits, n_above)``: the k-th largest key and how many keys are
+    strictly larger, so the top-k are all keys above the threshold plus the first
+    ``k - n_above`` equal to it (the tie rule: smaller position wins). Four passes of 8
+    bits, each one histogram kernel (per-program ``tl.histogram`` merged with atomics)
+    and one small device-to-host copy. NaN magnitudes sort above +inf.
+    """
+    _check_tensor(values_abs_bits, "values_abs_bits")
+    keys = values_abs_bits
+    dev = _check_devices(values_abs_bits=keys)
+    if keys.dtype != torch.int32 or keys.dim() != 1:
+        raise TypeError(f"values_abs_bits must be a 1-D torch.int32 tensor (the bits of "
+                        f"float32 magnitudes); got {keys.dtype}, shape {tuple(keys.shape)}")
+    n = keys.numel()
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int in [1, {n}], got {k!r}")
+    keys = keys.contiguous()
+    if int(keys.min()) < 0:
+        raise ValueError("values_abs_bits has negative keys: pass the bits of |values|")
+    block = _pos_pow2(block, "block")
+    prefix, remaining, above = 0, k, 0
+    hist = torch.empty(1 << _RADIX_BITS, dtype=torch.int32, device=dev)
+    for shift in _RADIX_SHIFTS:
+        hist.zero_()
+        _radix_hist_kernel[(triton.cdiv(n, block),)](
+            keys, n, hist, prefix, shift, FIRST=shift == _RADIX_SHIFTS[0], BITS=_RADIX_BITS,
+            BLOCK=block)
+        counts = hist.cpu().tolist()
+        for digit in range(len(counts) - 1, -1, -1):  # from the largest digit down
+            if counts[digit] >= remaining:
+                break
+            remaining -= counts[digit]
+            above += counts[digit]
+        prefix = (prefix << _RADIX_BITS) | digit
+    return prefix, above
