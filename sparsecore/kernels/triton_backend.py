@@ -46,6 +46,7 @@ variable after import has no effect on the already defined kernels.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -298,6 +299,8 @@ def row_order(indptr: torch.Tensor) -> torch.Tensor:
 def _rows_product(indptr, cols, perm, values, act, order, n_out_rows, *,
                   rows_per_program, block_k, block_n, num_warps):
     n = act.shape[1]
+    if cols.numel() == 0:  # nothing stored: no launch (and no empty-tensor pointers)
+        return torch.zeros((n_out_rows, n), dtype=act.dtype, device=act.device)
     y = torch.empty((n_out_rows, n), dtype=act.dtype, device=act.device)
     if n_out_rows == 0 or n == 0:
         return y
@@ -370,14 +373,17 @@ def spmm_t(t_indptr: torch.Tensor, t_rows: torch.Tensor, t_perm: torch.Tensor,
                          block_n=block_n, num_warps=num_warps)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:
+    return torch.cuda.get_device_properties(
+        torch.cuda.current_device() if index is None else index).multi_processor_count
+
+
 def _e_split(nnz: int, rows: int, rows_per_program: int, block_e: int, device) -> int:
     """Programs per row block for sddmm: enough programs to fill the GPU (about 8 per
     SM) without splitting an average row into chunks smaller than block_e. Uses only
     host-side sizes (no sync)."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4
+    sms = _sm_count(device.index) if device.type == "cuda" else 4
     blocks = triton.cdiv(rows, rows_per_program)
     chunks = triton.cdiv(triton.cdiv(nnz, max(rows, 1)), block_e)
     want = triton.cdiv(8 * sms, max(blocks, 1))
