@@ -452,3 +452,13 @@ def test_topk_threshold_errors():
         tb.topk_threshold(keys.float(), 3)
     with pytest.raises(ValueError, match="negative keys"):
         tb.topk_threshold(keys - 5, 3)
+
+
+@pytest.mark.parametrize("idx_dt", [torch.int32, torch.int64])
+def test_transpose_csr_on_device(idx_dt):
+    for shape in [(13, 11, 0.4), (4, 6, 0.0), (7, 3, 1.0)]:
+        w = CSR(31, *shape, empty_rows=0.2)
+        ti, tr, tp = tb.transpose_csr(*dev(w.indptr.to(idx_dt), w.indices.to(idx_dt)), shape[1])
+        assert (ti.dtype, tr.dtype, tp.dtype) == (torch.int64, torch.int32, torch.int64)
+        assert torch.equal(ti.cpu(), w.t_indptr)  # the lexsort oracle of CSR()
+        assert torch.equal(tr.cpu(), w.t_rows) and torch.equal(tp.cpu(), w.t_perm)

@@ -61,7 +61,7 @@ except ImportError as _e:  # pragma: no cover - exercised in a subprocess test
 
 import torch
 
-__all__ = ["INTERPRET", "row_order", "spmm", "spmm_t", "sddmm", "to_torch_csr",
+__all__ = ["INTERPRET", "row_order", "transpose_csr", "spmm", "spmm_t", "sddmm", "to_torch_csr",
            "spmm_torch_csr", "topk_threshold"]
 
 
@@ -294,6 +294,29 @@ def row_order(indptr: torch.Tensor) -> torch.Tensor:
     lengths = indptr[1:] - indptr[:-1]
     order = torch.sort(lengths, descending=True, stable=True).indices
     return order.to(torch.int32)
+
+
+def transpose_csr(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int, *,
+                  check: bool = True):
+    """(t_indptr int64, t_rows int32, t_perm int64) of W^T on W's device, with the
+    conventions of :func:`sparsecore.kernels.transpose_csr` (rows ascending within each
+    column; W^T's k-th value is ``values[t_perm[k]]``). Torch ops, not a Triton kernel:
+    a stable sort of the column indices (torch.sort on CUDA needs nnz < 2**31)."""
+    _check_devices(indptr=indptr, indices=indices)
+    indptr = _check_index(indptr, "indptr")
+    indices = _check_index(indices, "indices")
+    if check:
+        _check_csr_content(indptr, indices, int(n_cols), "W")
+    dev = indices.device
+    rows = indptr.numel() - 1
+    lengths = (indptr[1:] - indptr[:-1]).to(torch.int64)
+    row_of = torch.repeat_interleave(torch.arange(rows, device=dev, dtype=torch.int32),
+                                     lengths, output_size=indices.numel())
+    t_perm = torch.sort(indices, stable=True).indices.to(torch.int64)
+    t_indptr = torch.zeros(int(n_cols) + 1, dtype=torch.int64, device=dev)
+    if indices.numel():
+        t_indptr[1:] = torch.cumsum(torch.bincount(indices, minlength=int(n_cols)), 0)
+    return t_indptr, row_of[t_perm], t_perm
 
 
 def _rows_product(indptr, cols, perm, values, act, order, n_out_rows, *,
