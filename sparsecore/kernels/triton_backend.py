@@ -46,6 +46,7 @@ variable after import has no effect on the already defined kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -277,6 +278,11 @@ def _pos_pow2(v: int, name: str) -> int:
     return v
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch_kwargs(num_warps: int | None) -> dict:
     return {} if num_warps is None else {"num_warps": int(num_warps)}
 
@@ -332,12 +338,14 @@ def _rows_product(indptr, cols, perm, values, act, order, n_out_rows, *,
     block_n = _block_n(n, block_n)
     grid = (triton.cdiv(n_out_rows, rows_per_program), triton.cdiv(n, block_n))
     dummy = cols  # never read when the matching constexpr flag is off
-    _csr_rows_kernel[grid](
-        indptr, cols, values, dummy if perm is None else perm,
-        dummy if order is None else order, act, y,
-        n_out_rows, n, act.stride(0), y.stride(0),
-        HAS_PERM=perm is not None, HAS_ORDER=order is not None,
-        ROWS=rows_per_program, BLOCK_K=block_k, BLOCK_N=block_n, **_launch_kwargs(num_warps))
+    with _on(act.device):
+        _csr_rows_kernel[grid](
+            indptr, cols, values, dummy if perm is None else perm,
+            dummy if order is None else order, act, y,
+            n_out_rows, n, act.stride(0), y.stride(0),
+            HAS_PERM=perm is not None, HAS_ORDER=order is not None,
+            ROWS=rows_per_program, BLOCK_K=block_k, BLOCK_N=block_n,
+            **_launch_kwargs(num_warps))
     return y
 
 
@@ -469,12 +477,13 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: tor
     e_split = _pos_pow2(e_split, "e_split")
     use_theta = theta is not None and float(reg) != 0.0
     grid = (triton.cdiv(rows, rows_per_program), e_split)
-    _sddmm_kernel[grid](
-        indptr, indices, gt, xt, theta if use_theta else out, out,
-        indices if order is None else order,
-        rows, n, gt.stride(0), xt.stride(0), float(reg),
-        HAS_THETA=use_theta, HAS_ORDER=order is not None, ROWS=rows_per_program,
-        E_SPLIT=e_split, BLOCK_E=block_e, BLOCK_N=block_n, **_launch_kwargs(num_warps))
+    with _on(gt.device):
+        _sddmm_kernel[grid](
+            indptr, indices, gt, xt, theta if use_theta else out, out,
+            indices if order is None else order,
+            rows, n, gt.stride(0), xt.stride(0), float(reg),
+            HAS_THETA=use_theta, HAS_ORDER=order is not None, ROWS=rows_per_program,
+            E_SPLIT=e_split, BLOCK_E=block_e, BLOCK_N=block_n, **_launch_kwargs(num_warps))
     return out
 
 
@@ -560,9 +569,10 @@ def topk_threshold(values_abs_bits: torch.Tensor, k: int, *, block: int = 1024):
     hist = torch.empty(1 << _RADIX_BITS, dtype=torch.int32, device=dev)
     for shift in _RADIX_SHIFTS:
         hist.zero_()
-        _radix_hist_kernel[(triton.cdiv(n, block),)](
-            keys, n, hist, prefix, shift, FIRST=shift == _RADIX_SHIFTS[0], BITS=_RADIX_BITS,
-            BLOCK=block)
+        with _on(dev):
+            _radix_hist_kernel[(triton.cdiv(n, block),)](
+                keys, n, hist, prefix, shift, FIRST=shift == _RADIX_SHIFTS[0], BITS=_RADIX_BITS,
+                BLOCK=block)
         counts = hist.cpu().tolist()
         for digit in range(len(counts) - 1, -1, -1):  # from the largest digit down
             if counts[digit] >= remaining:
