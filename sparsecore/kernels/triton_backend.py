@@ -9,6 +9,10 @@ Same semantics and argument conventions as the Numba wrappers in
 * :func:`spmm_t` -- ``dxt = W^T @ gt`` over the cached transpose  (in, n)
 * :func:`sddmm`  -- ``out[k] = sum_n gt[row_k, n] * xt[col_k, n] + reg * theta[k]``
 
+plus :func:`row_order` (load-balance permutation), :func:`transpose_csr` (W^T's structure
+on the device, torch ops), the torch.sparse comparison path :func:`spmm_torch_csr` /
+:func:`to_torch_csr` (benchmarks only) and the optional :func:`topk_threshold`.
+
 Layout and tiling (see docs/gpu.md):
 
 * **spmm / spmm_t**: one program per (block of ``rows_per_program`` CSR rows, tile of
