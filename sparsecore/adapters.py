@@ -108,6 +108,12 @@ class TopKASTMultiheadAttention(nn.Module):
             seed, reserve, dtype).
     """
 
+    # No packed in-projection: its weight and bias live in q_proj/k_proj/v_proj. torch's
+    # TransformerEncoderLayer reads these before its fused fast path; None sends it to
+    # the regular path, which calls this module.
+    in_proj_weight = None
+    in_proj_bias = None
+
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
                  vdim: int | None = None, batch_first: bool = False, *, name: str = "",
