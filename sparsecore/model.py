@@ -703,8 +703,11 @@ def _disable_torch_fused_paths(module: nn.Module) -> None:
 
 
 def _forget_hf_ties(module: nn.Module, untied: list[str]) -> None:
-    """Hugging Face models re-tie weights from ``all_tied_weights_keys`` (e.g. in
-    ``tie_weights()``); drop the entries of ties the user broke with ``untie``."""
+    """Hugging Face models re-tie weights (``tie_weights()``) from
+    ``all_tied_weights_keys`` or, when recomputing, from ``config.tie_word_embeddings``.
+    For a tie the user broke with ``untie``, drop its entry and set
+    ``tie_word_embeddings=False`` on that model's config, which is how transformers
+    describes an untied model."""
     if not untied:
         return
     for prefix, m in module.named_modules():
@@ -712,6 +715,9 @@ def _forget_hf_ties(module: nn.Module, untied: list[str]) -> None:
         if not isinstance(keys, dict):
             continue
         p = prefix + "." if prefix else ""
-        for k, v in list(keys.items()):
-            if _under(p + k, untied) or _under(p + str(v), untied):
-                del keys[k]
+        broken = [k for k, v in keys.items() if _under(p + k, untied) or _under(p + str(v), untied)]
+        for k in broken:
+            del keys[k]
+        cfg = getattr(m, "config", None)
+        if broken and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
