@@ -168,7 +168,10 @@ def _rebuild_from_config(m: nn.Module) -> None:
     cfg = getattr(m, "config", None)
     if cfg is None or any(p is not None for p in m._parameters.values()):
         return
-    fresh = type(m)(cfg)
+    try:
+        fresh = type(m)(cfg)
+    except (TypeError, ValueError):   # its constructor takes more than the config
+        return
     for k, t in m._buffers.items():
         src = fresh._buffers.get(k)
         if t is not None and src is not None and src.shape == t.shape:

@@ -540,3 +540,16 @@ def test_step_count_and_stats_travel_in_state_dict():
     other.load_state_dict(sd)
     assert other.step_count == 5
     assert other.stats() == model.stats()
+
+
+def test_inference_export_of_attention_and_conv1d_wrappers():
+    from sparsecore import export
+    torch.manual_seed(0)
+    for net, inp in ((EncoderClassifier(), (torch.randint(0, 64, (2, 5)),)),
+                     (Conv1dNet(), (torch.randn(2, 3, 13),))):
+        model = _wrap(net)
+        model.eval()
+        inf = export.inference_model(model)
+        assert not any(isinstance(m, sc.TopKASTLinear) for m in inf.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(inf(*inp), model(*inp), atol=1e-6, rtol=1e-5)
