@@ -553,3 +553,20 @@ def test_inference_export_of_attention_and_conv1d_wrappers():
         assert not any(isinstance(m, sc.TopKASTLinear) for m in inf.modules())
         with torch.no_grad():
             torch.testing.assert_close(inf(*inp), model(*inp), atol=1e-6, rtol=1e-5)
+
+
+def test_encoder_with_dense_attention_and_sparse_ffn_runs_in_eval():
+    """The fused eval path also reads linear1/linear2.weight: it must be off when only
+    the feed-forward layers are sparse (the output equals the training-mode one, as
+    dropout is 0)."""
+    with torch.device("meta"):
+        net = EncoderClassifier()
+    model = _wrap(net, exclude=["encoder.layers.*.self_attn"])
+    assert type(net.encoder.layers[0].self_attn) is nn.MultiheadAttention
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    with torch.no_grad():
+        train_out = model(ids, pad)
+        model.eval()
+        torch.testing.assert_close(model(ids, pad), train_out, atol=1e-5, rtol=1e-4)
