@@ -277,7 +277,12 @@ class SparseModel(nn.Module):
             undo = self._materialise(module, {u.name for u in chosen}, init_fn)
             try:
                 # 2. build every sparse replacement before touching the module
-                new = {u.name: self._build(u, per_layer[u.name]) for u in chosen}
+                new = {}
+                for u in chosen:
+                    try:
+                        new[u.name] = self._build(u, per_layer[u.name])
+                    except (TypeError, ValueError) as e:
+                        raise type(e)(f"layer {u.name!r}: {e}") from e
             except BaseException:
                 undo()
                 raise
@@ -298,6 +303,11 @@ class SparseModel(nn.Module):
         self._opt_order: list[int] = []
         self._pending_steps = 0
 
+        for u in units:
+            if u.tied and not u.sparse:
+                warnings.warn(f"SparseModel: {u.name} stays dense because its weight is tied "
+                              f"({u.tied}); pass untie=[{u.name!r}] to make it sparse and break "
+                              f"the tie", UserWarning, stacklevel=2)
         discarded = [u.name for u in chosen if any(not w.is_meta for w in u.weights.values())]
         if discarded:
             shown = ", ".join(discarded[:6]) + (f", ... ({len(discarded)} in all)"
@@ -347,9 +357,6 @@ class SparseModel(nn.Module):
             elif u.tied and not any(_match(u.name, p) for p in untie):
                 u.reason = (f"tied: {u.tied}; pass untie=[{u.name!r}] to make it sparse "
                             f"(which breaks the tie)")
-                warnings.warn(f"SparseModel: {u.name} stays dense because its weight is tied "
-                              f"({u.tied}); pass untie=[{u.name!r}] to make it sparse and break "
-                              f"the tie", UserWarning, stacklevel=3)
             else:
                 u.sparse = True
                 if u.tied:

@@ -570,3 +570,14 @@ def test_encoder_with_dense_attention_and_sparse_ffn_runs_in_eval():
         train_out = model(ids, pad)
         model.eval()
         torch.testing.assert_close(model(ids, pad), train_out, atol=1e-5, rtol=1e-4)
+
+
+def test_failed_build_leaves_the_module_unchanged():
+    with torch.device("meta"):
+        net = Scaled()
+    with pytest.raises(ValueError, match="layer 'fc': reserve must be"):
+        _wrap(net, init_fn=lambda m: nn.init.ones_(m.scale) if isinstance(m, Scaled) else None,
+              reserve=-1.0)
+    # the dense part had been materialised before the sparse layer failed: undone
+    assert net.scale.is_meta and net.norm.weight.is_meta and net.fc.weight.is_meta
+    assert type(net.fc) is nn.Linear
