@@ -1,6 +1,7 @@
 """sparsecore: truly sparse Top-KAST training for PyTorch.
 
-Public API: :class:`TopKASTLinear`, :class:`TopKASTConv2d`, :class:`SparseModel`,
+Public API: :class:`TopKASTLinear`, :class:`TopKASTConv2d`, :class:`TopKASTConv1d`,
+:class:`TopKASTMultiheadAttention`, :class:`SparseModel`,
 :func:`save` / :func:`load`, and :mod:`sparsecore.export`.
 """
 from __future__ import annotations
@@ -27,11 +28,13 @@ if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
 from ._version import __version__  # noqa: E402
 
 from .layers import TopKASTConv2d, TopKASTLinear  # noqa: E402
+from .adapters import TopKASTConv1d, TopKASTMultiheadAttention  # noqa: E402
 from .memory import MemoryReport  # noqa: E402
 from .model import SparseModel  # noqa: E402
 from .topkast import RefreshError  # noqa: E402
 from .checkpoint import CheckpointError, load, save  # noqa: E402
 from . import export  # noqa: E402
 
-__all__ = ["TopKASTLinear", "TopKASTConv2d", "SparseModel", "MemoryReport", "RefreshError",
+__all__ = ["TopKASTLinear", "TopKASTConv2d", "TopKASTConv1d", "TopKASTMultiheadAttention",
+           "SparseModel", "MemoryReport", "RefreshError",
            "CheckpointError", "save", "load", "export", "__version__"]
