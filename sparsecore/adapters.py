@@ -141,7 +141,7 @@ class TopKASTMultiheadAttention(nn.Module):
             dtype = self.q_proj.values.dtype
             # nn.MultiheadAttention's init (xavier_normal_), from a generator seeded by
             # the layer key so that the same seed rebuilds the same module
-            gen = torch.Generator().manual_seed(int(self.q_proj.key) & 0x7FFFFFFFFFFFFFFF)
+            gen = torch.Generator().manual_seed(int(self.q_proj.sparse_state.key) & 0x7FFFFFFFFFFFFFFF)
             std = math.sqrt(2.0 / (1 + embed_dim))
             self.bias_k = nn.Parameter(torch.randn(1, 1, embed_dim, dtype=dtype, generator=gen)
                                        * std)

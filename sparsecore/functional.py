@@ -1,77 +1,111 @@
-"""The autograd function of a Top-KAST linear layer.
+"""The differentiable Top-KAST linear product, as ``torch.library`` custom ops.
 
-Forward:  y = x W_A^T                         (spmm over the forward set A)
+Forward:  y = x W_A^T + b                      (spmm over the forward set A)
 Backward: dx = dy W_A                          (spmm_t over A's cached transpose)
-          g_k = sum_n dy[n,row_k] x[n,col_k] + lambda c_k theta_k   for every k in B
-          with c = 1 on A and 1/D on B minus A  (sddmm, regulariser fused)
+          g_k = sum_n dy[n,row_k] x[n,col_k]   for every k in B  (sddmm)
 
 The weight gradient on B minus A is the gradient with respect to the (zero)
 forward weight at those positions, which is what lets them grow into A. It is
 therefore *not* the derivative of y with respect to ``values[K_A:]`` (which is 0):
-gradcheck applies only with B = A and lambda = 0.
+gradcheck applies only with B = A.
+
+The exploration regulariser (lambda c theta) is *not* part of this product: it
+is a term of the loss that enters the gradient once per optimizer step, added by
+an optimizer step pre-hook (see :mod:`sparsecore.layers`), never per backward.
+
+The forward and its backward are the custom ops ``sparsecore::linear`` and
+``sparsecore::linear_backward`` with fake (meta) implementations, so
+``torch.compile(model, fullgraph=True)`` traces a Top-KAST layer as one node
+without a graph break.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from . import kernels
 from .state import SparseState
 
 
-class TopKASTLinearFunction(torch.autograd.Function):
-    """``apply(x2d, values, bias, state, reg_a, reg_x) -> y2d``; x2d is (n, in),
-    values is theta_B (A first), bias may be None, ``state`` the layer's
-    :class:`~sparsecore.state.SparseState`, reg_a / reg_x the regulariser
-    coefficients fused into the weight gradient on A / B minus A. The bias add is fused into the copy that turns the kernel's
-    feature-major output into (n, out); the input gradient is returned as a
-    transposed view of the kernel's output (a following Top-KAST layer's backward
-    then needs no copy)."""
+@torch.library.custom_op("sparsecore::linear", mutates_args=())
+def _linear(x2d: Tensor, values: Tensor, bias: Optional[Tensor], a_indptr: Tensor,
+            a_cols: Tensor, x_indptr: Tensor, x_cols: Tensor, at_indptr: Tensor,
+            at_rows: Tensor, at_perm: Tensor) -> Tensor:
+    """y (n, out) = x2d (n, in) W_A^T + bias; W_A = values[:K_A] on A's CSR."""
+    xt = x2d.t().contiguous()
+    yt = kernels.spmm(a_indptr, a_cols, values[: a_cols.numel()], xt, check=False)
+    y = torch.empty(yt.shape[1], yt.shape[0], dtype=yt.dtype, device=yt.device)
+    if bias is None:
+        y.copy_(yt.t())
+    else:  # the bias add is fused into the copy to (n, out)
+        torch.add(yt.t(), bias, out=y)
+    return y
 
-    @staticmethod
-    def forward(ctx, x2d: torch.Tensor, values: torch.Tensor, bias, state: SparseState,
-                reg_a: float, reg_x: float):
+
+@_linear.register_fake
+def _(x2d, values, bias, a_indptr, a_cols, x_indptr, x_cols, at_indptr, at_rows, at_perm):
+    return x2d.new_empty(x2d.shape[0], a_indptr.shape[0] - 1)
+
+
+@torch.library.custom_op("sparsecore::linear_backward", mutates_args=())
+def _linear_backward(dy: Tensor, x2d: Tensor, values: Tensor, a_indptr: Tensor, a_cols: Tensor,
+                     x_indptr: Tensor, x_cols: Tensor, at_indptr: Tensor, at_rows: Tensor,
+                     at_perm: Tensor, need_dx: bool, need_dvalues: bool
+                     ) -> tuple[Tensor, Tensor]:
+    """(dx (n, in), dvalues (K_B,)); an empty tensor for a gradient not needed."""
+    gt = dy.t().contiguous()
+    k = a_cols.numel()
+    if need_dx:   # returned as a transposed view of the kernel's output (no copy)
+        dx = kernels.spmm_t(at_indptr, at_rows, at_perm, values[:k], gt, check=False).t()
+    else:
+        dx = dy.new_empty(0)
+    if need_dvalues:
         xt = x2d.t().contiguous()
-        wa = values.detach()[: state.k_a]
-        yt = kernels.spmm(state.a_indptr, state.a_cols, wa, xt, check=False)
-        y = torch.empty(yt.shape[1], yt.shape[0], dtype=yt.dtype)
-        if bias is None:
-            y.copy_(yt.t())
-        else:
-            torch.add(yt.t(), bias.detach(), out=y)
-        ctx.save_for_backward(xt, values)
-        ctx.state = state
-        ctx.reg = (reg_a, reg_x)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        xt, values = ctx.saved_tensors
-        st: SparseState = ctx.state
-        reg_a, reg_x = ctx.reg
-        gt = dy.t().contiguous()
-        v = values.detach()
-        dx = dvalues = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = kernels.spmm_t(st.at_indptr, st.at_rows, st.at_perm, v[: st.k_a], gt,
-                                check=False).t()
-        if ctx.needs_input_grad[1]:
-            dvalues = torch.empty_like(v)
-            k = st.k_a
-            kernels.sddmm(st.a_indptr, st.a_cols, gt, xt, theta=v[:k], reg=reg_a,
-                          out=dvalues[:k], check=False)
-            kernels.sddmm(st.x_indptr, st.x_cols, gt, xt, theta=v[k:], reg=reg_x,
-                          out=dvalues[k:], check=False)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = gt.sum(dim=1)
-        return dx, dvalues, dbias, None, None, None
+        dvalues = torch.empty_like(values)
+        kernels.sddmm(a_indptr, a_cols, gt, xt, out=dvalues[:k], check=False)
+        kernels.sddmm(x_indptr, x_cols, gt, xt, out=dvalues[k:], check=False)
+    else:
+        dvalues = values.new_empty(0)
+    return dx, dvalues
 
 
-def topkast_linear(x: torch.Tensor, values: torch.Tensor, state: SparseState,
-                   bias: torch.Tensor | None = None, reg_a: float = 0.0,
-                   reg_x: float = 0.0) -> torch.Tensor:
-    """Apply the layer to x of shape (..., in_features)."""
+@_linear_backward.register_fake
+def _(dy, x2d, values, a_indptr, a_cols, x_indptr, x_cols, at_indptr, at_rows, at_perm,
+      need_dx, need_dvalues):
+    # the real dx is a transposed view of a feature-major (in, n) buffer: same strides
+    dx = dy.new_empty(at_indptr.shape[0] - 1, dy.shape[0]).t() if need_dx else dy.new_empty(0)
+    dv = values.new_empty(values.shape) if need_dvalues else values.new_empty(0)
+    return dx, dv
+
+
+def _setup_context(ctx, inputs, output):
+    x2d, values, bias = inputs[:3]
+    ctx.save_for_backward(x2d, values, *inputs[3:])
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x2d, values, *structure = ctx.saved_tensors
+    need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx = dvalues = dbias = None
+    if need_dx or need_dv:
+        gx, gv = _linear_backward(dy, x2d, values, *structure, need_dx, need_dv)
+        dx = gx if need_dx else None
+        dvalues = gv if need_dv else None
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        dbias = dy.sum(dim=0)
+    return (dx, dvalues, dbias) + (None,) * 7
+
+
+_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def topkast_linear(x: Tensor, values: Tensor, state: SparseState,
+                   bias: Optional[Tensor] = None) -> Tensor:
+    """Apply a Top-KAST layer to x of shape (..., in_features): y = x W_A^T + b,
+    with gradients for x, the whole of ``values`` (theta on B) and the bias."""
     lead = x.shape[:-1]
-    y = TopKASTLinearFunction.apply(x.reshape(-1, state.in_features), values, bias, state,
-                                    reg_a, reg_x)
+    y = _linear(x.reshape(-1, state.in_features), values, bias, *state.index_tensors())
     return y.reshape(*lead, state.out_features)

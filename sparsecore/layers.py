@@ -7,10 +7,13 @@ rest of its sparse structure as one immutable :class:`~sparsecore.state.SparseSt
 from __future__ import annotations
 
 import math
+import weakref
+from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from . import kernels
 from .functional import topkast_linear
@@ -43,6 +46,38 @@ def _optimizers(optimizer) -> list:
     if isinstance(optimizer, torch.optim.Optimizer):
         return [optimizer]
     return list(optimizer)
+
+
+# values Parameter -> its layer (weakly both ways). One optimizer step pre-hook,
+# installed on every torch optimizer at import, adds the exploration gradient of
+# each Top-KAST layer whose values the stepping optimizer holds: exactly once per
+# optimizer step, after any GradScaler unscaling, whatever the number of backward
+# passes or uses of the layer.
+# Keyed by id(values) (tensors compare elementwise, so they make poor dict keys);
+# an entry counts only while its layer is alive and still owns that Parameter.
+_LAYER_OF: dict[int, weakref.ref] = {}
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    if _LAYER_OF.get(key) is ref:
+        del _LAYER_OF[key]
+
+
+def _exploration_pre_hook(optimizer, args, kwargs) -> None:
+    if not _LAYER_OF:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref = _LAYER_OF.get(id(p))
+            layer = ref() if ref is not None else None
+            if layer is not None and layer.values is p:
+                layer._optimizers_seen[id(optimizer)] = weakref.ref(optimizer)
+                layer.apply_exploration()
+
+
+from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
+
+register_optimizer_step_pre_hook(_exploration_pre_hook)
 
 
 class TopKASTLinear(nn.Module):
@@ -80,6 +115,8 @@ class TopKASTLinear(nn.Module):
                  init: str = "uniform", init_scale: float | None = None,
                  device=None, dtype=None, name: str = ""):
         super().__init__()
+        self._refresh_hooks: "OrderedDict[int, object]" = OrderedDict()  # weakref-able
+        self._optimizers_seen: dict[int, weakref.ref] = {}  # optimizers that stepped values
         for nm, v in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{nm} must be a positive int, got {v!r}")
@@ -121,10 +158,22 @@ class TopKASTLinear(nn.Module):
                        spec=InitSpec(key, _init.KINDS[self.init], self.init_scale, np_dtype),
                        name=name or type(self).__name__, want_src=False)
         self.values = nn.Parameter(torch.from_numpy(res.values))
+        self._register()
         self.bias = nn.Parameter(self._init_bias(dtype, key)) if bias else None
         self._state = res.state
         self.stats["replenishes"] = res.info["replenished"]
         self.stats["scanned_added"] = res.info["scanned_added"]
+
+    def _register(self) -> None:
+        """Enter this layer in the exploration hook's registry (also for copies)."""
+        ref = weakref.ref(self)
+        _LAYER_OF[id(self.values)] = ref
+        weakref.finalize(self, _forget, id(self.values), ref)
+
+    def __setstate__(self, state):  # copy.deepcopy / pickle: the copy explores too
+        super().__setstate__(state)
+        self._optimizers_seen = {}
+        self._register()
 
     # ------------------------------------------------------------------ basics
     @property
@@ -175,17 +224,54 @@ class TopKASTLinear(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W_A^T + b for x of shape (..., in_features).
+
+        Under ``torch.autocast`` the product runs in the layer's dtype (``values``
+        stay the fp32 master weights and the kernels accumulate in fp32) and the
+        output comes in the autocast dtype; outside autocast the input must have the
+        layer's dtype."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input has shape {tuple(x.shape)}; expected last dimension "
                              f"in_features={self.in_features}")
-        if x.dtype != self.values.dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the layer's {self.values.dtype}")
         if x.device != self.values.device:
             raise ValueError(f"input is on {x.device} but the layer is on {self.values.device}")
-        return topkast_linear(x, self.values, self._state, self.bias, self.exploration,
-                              self.exploration / self.density)
+        dt = self.values.dtype
+        out_dtype = None
+        if torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dt)
+        elif x.dtype != dt:
+            raise TypeError(f"{self._name()}: input dtype {x.dtype} does not match the layer's "
+                            f"{dt}; cast the input, or run under torch.autocast to use "
+                            "lower-precision activations")
+        bias = self.bias
+        y = topkast_linear(x, self.values, self._state, bias)
+        return y if out_dtype is None else y.to(out_dtype)
+
+    def __getattr__(self, name: str):
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__} has no dense .weight: its weights exist only on the "
+                "top-K set. Use .values (theta on B, A first), .sparse_state (the CSR "
+                "structure), .to_dense() for small layers, or sparsecore.export for a "
+                "torch sparse CSR / scipy matrix.")
+        return super().__getattr__(name)
+
+    # ------------------------------------------------------------- exploration
+    @torch.no_grad()
+    def apply_exploration(self) -> None:
+        """Add the exploration term's gradient, lambda*theta on A and lambda*theta/D
+        on B minus A, to ``values.grad`` (no-op without a gradient or with lambda =
+        0). Called once per optimizer step by the step pre-hook that sparsecore
+        installs on every optimizer; you never call it yourself."""
+        g = self.values.grad
+        if g is None or self.exploration == 0.0:
+            return
+        v, k = self.values.detach(), self.k_a
+        g[:k].add_(v[:k], alpha=self.exploration)
+        g[k:].add_(v[k:], alpha=self.exploration / self.density)
 
     # ----------------------------------------------------------------- indices
     def active_indices(self) -> torch.Tensor:
@@ -231,16 +317,30 @@ class TopKASTLinear(nn.Module):
         """Recompute A and B exactly, rewrite ``values`` in place and remap the state
         of ``optimizer`` (one or several): entries of every state tensor shaped like
         ``values`` follow their coordinate, are zero for coordinates new to B and are
-        dropped for coordinates that left B. Raises :class:`RefreshError` (and changes
-        nothing) if theta_B holds NaN/Inf. Returns this refresh's statistics.
+        dropped for coordinates that left B. The gradient and every tensor given to
+        a hook of :meth:`register_refresh_hook` are remapped the same way.
+
+        Raises :class:`RefreshError` and changes nothing if theta_B holds NaN/Inf,
+        or if an optimizer that has stepped these values holds state for them and
+        is not among ``optimizer`` (its state would silently misalign).
+        Returns this refresh's statistics.
 
         Memory: the new structure is built at its exact size next to the old one;
         the remaps then run one tensor at a time (one K_B temporary)."""
+        where = name or self._name()
+        given = _optimizers(optimizer)
+        for ref in list(self._optimizers_seen.values()):
+            opt = ref()
+            if opt is not None and opt.state.get(self.values) and not any(opt is g for g in given):
+                raise RefreshError(
+                    f"{where}: optimizer {type(opt).__name__} at {id(opt):#x} holds state for "
+                    "this layer's values but was not passed to refresh(); its state would "
+                    "no longer match the coordinates (nothing was changed). Pass it: "
+                    "layer.refresh(optimizer), or use SparseModel.attach(optimizer).")
         res = _refresh(self._state, self.values.detach().numpy(), k_a=self.k_a, k_b=self.k_b,
                        reserve_target=self._reserve_target(), reserve_cap=self._reserve_cap(),
-                       spec=self._spec(), name=name or self._name())
-        remap = [t for opt in _optimizers(optimizer)
-                 for t in (opt.state.get(self.values) or {}).values()
+                       spec=self._spec(), name=where)
+        remap = [t for opt in given for t in (opt.state.get(self.values) or {}).values()
                  if torch.is_tensor(t) and t.shape == self.values.shape]
         if self.values.grad is not None:
             remap.append(self.values.grad)
@@ -250,12 +350,20 @@ class TopKASTLinear(nn.Module):
         self._state = new_state
         self.values.copy_(torch.from_numpy(new_values))
         del new_values
-        for t in remap:
+
+        def remap_tensor(t: torch.Tensor) -> None:
+            if t.shape != self.values.shape:
+                raise ValueError(f"{where}: a remapped tensor must have the shape of values "
+                                 f"{tuple(self.values.shape)}, got {tuple(t.shape)}")
             arr = t.detach().numpy()
             new = np.empty_like(arr)
             _pool.gather_or_zero(arr, src, new)
             arr[:] = new
-            del new
+
+        for t in remap:
+            remap_tensor(t)
+        for hook in list(self._refresh_hooks.values()):
+            hook(remap_tensor)
         s = self.stats
         s["refreshes"] += 1
         s["replenishes"] += info["replenished"]
@@ -264,6 +372,20 @@ class TopKASTLinear(nn.Module):
         s["changed_a"], s["changed_b"] = info["changed_a"], info["changed_b"]
         s["entered_a_from_outside_b"] += info["entered_a_from_outside_b"]
         return info
+
+    def register_refresh_hook(self, hook) -> RemovableHandle:
+        """Keep external per-coordinate state aligned with ``values``: after every
+        refresh, ``hook(remap)`` is called, and ``remap(t)`` rewrites a tensor shaped
+        like ``values`` in place (entries follow their coordinate, zero for new
+        ones). E.g. an EMA of the weights::
+
+            ema = layer.values.detach().clone()
+            layer.register_refresh_hook(lambda remap: remap(ema))
+
+        Returns a handle whose ``remove()`` unregisters the hook."""
+        handle = RemovableHandle(self._refresh_hooks)
+        self._refresh_hooks[handle.id] = hook
+        return handle
 
     def _name(self) -> str:
         return f"TopKASTLinear({self.in_features}, {self.out_features})"

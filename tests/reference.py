@@ -38,9 +38,11 @@ class DenseTopKAST(torch.nn.Module):
         self._alpha = None
 
     def forward(self, x):
-        alpha = (self.theta.detach() * self.a).requires_grad_(True)
-        self._alpha = alpha
-        y = x @ alpha.t()
+        # one alpha leaf per optimizer step, shared by every use of the layer in it, so
+        # several forwards/backwards (accumulation, a layer used twice) sum into it
+        if self._alpha is None:
+            self._alpha = (self.theta.detach() * self.a).requires_grad_(True)
+        y = x @ self._alpha.t()
         return y + self.bias if self.bias is not None else y
 
     def weight_grad(self):
@@ -48,6 +50,7 @@ class DenseTopKAST(torch.nn.Module):
         c = torch.where(self.a, torch.ones_like(self.theta), torch.full_like(self.theta, 1 / self.density))
         g = (self._alpha.grad + self.exploration * c * self.theta.detach()) * self.b
         self.theta.grad = g
+        self._alpha = None
 
     def _theta_state(self, opt):
         st = opt.state.get(self.theta, {})
@@ -65,6 +68,7 @@ class DenseTopKAST(torch.nn.Module):
 
     @torch.no_grad()
     def refresh(self, opt=None):
+        self._alpha = None
         old_b = self.b
         self.a = topk_mask(self.theta, self.k_a)
         self.b = topk_mask(self.theta, self.k_b)

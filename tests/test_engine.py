@@ -105,6 +105,10 @@ def test_weight_gradient_matches_dense_formula():
     theta = layer.to_dense().flatten()
     a = layer.active_indices()
     xb = torch.from_numpy(layer.sparse_state.x_flat())
+    # backward gives the data term only; the exploration term is added once per
+    # optimizer step (by the step pre-hook, which calls apply_exploration)
+    torch.testing.assert_close(layer.values.grad, torch.cat([full[a], full[xb]]))
+    layer.apply_exploration()
     expect = torch.cat([full[a] + lam * theta[a], full[xb] + lam / (1 - sf) * theta[xb]])
     torch.testing.assert_close(layer.values.grad, expect)
     torch.testing.assert_close(layer.bias.grad, g.sum(dim=(0, 1)))
