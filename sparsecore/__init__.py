@@ -31,10 +31,11 @@ from .layers import TopKASTConv2d, TopKASTLinear  # noqa: E402
 from .adapters import TopKASTConv1d, TopKASTMultiheadAttention  # noqa: E402
 from .memory import MemoryReport  # noqa: E402
 from .model import SparseModel  # noqa: E402
+from .optim import param_groups  # noqa: E402
 from .topkast import RefreshError  # noqa: E402
 from .checkpoint import CheckpointError, load, save  # noqa: E402
 from . import export  # noqa: E402
 
 __all__ = ["TopKASTLinear", "TopKASTConv2d", "TopKASTConv1d", "TopKASTMultiheadAttention",
            "SparseModel", "MemoryReport", "RefreshError",
-           "CheckpointError", "save", "load", "export", "__version__"]
+           "CheckpointError", "save", "load", "export", "param_groups", "__version__"]

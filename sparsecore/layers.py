@@ -26,7 +26,6 @@ DEFAULT_RESERVE = 0.25
 RESERVE_SLACK = 0.25      # the reserve is trimmed once it exceeds (reserve + slack) * K_B
 TO_DENSE_LIMIT = 1 << 26  # elements; to_dense() refuses above this
 _STATE_VERSION = 2
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 def _check_sparsities(forward_sparsity, backward_sparsity):
@@ -128,10 +127,10 @@ class TopKASTLinear(nn.Module):
         if init not in _init.KINDS:
             raise ValueError(f"init must be one of {sorted(_init.KINDS)}, got {init!r}")
         dtype = torch.float32 if dtype is None else dtype
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         device = torch.device("cpu") if device is None else torch.device(device)
-        kernels.backend_name(device)  # raises for devices without a backend
+        if dtype not in kernels.value_dtypes(device):  # also raises for devices without a backend
+            raise TypeError(f"dtype must be one of {list(kernels.value_dtypes(device))} on "
+                            f"{device}, got {dtype}")
         self.in_features = in_features
         self.out_features = out_features
         self.forward_sparsity = float(forward_sparsity)
@@ -145,8 +144,10 @@ class TopKASTLinear(nn.Module):
         self.stats = {"refreshes": 0, "replenishes": 0, "changed_a": 0.0, "changed_b": 0.0,
                       "entered_a_from_outside_b": 0, "scanned_added": 0, "trimmed": 0}
 
-        with torch.device(device):  # a surrounding `with torch.device("meta")` must not leak in
-            self._build(dtype, bias, seed, name)
+        with torch.device("cpu"):  # a surrounding `with torch.device("meta")` must not leak in
+            self._build(dtype, bias, seed, name)   # the streaming build runs on the host
+        if device.type != "cpu":
+            self.to(device)
 
     def _build(self, dtype, bias: bool, seed: int, name: str) -> None:
         """Construction: the streaming scan from an empty pool (floor = inf)."""
@@ -212,12 +213,11 @@ class TopKASTLinear(nn.Module):
         values follow the values' dtype, and its indices and floor are never cast.
         Unsupported dtypes and devices are refused before anything changes."""
         probe = fn(torch.empty(0, dtype=self.values.dtype, device=self.values.device))
-        if probe.dtype not in SUPPORTED_DTYPES:
+        ok = kernels.value_dtypes(probe.device)   # raises for devices without a backend
+        if probe.dtype not in ok:
             raise TypeError(f"{self._name()}: dtype {probe.dtype} is not supported for the "
-                            f"sparse values; supported: {list(SUPPORTED_DTYPES)} (under "
+                            f"sparse values on {probe.device}; supported: {list(ok)} (under "
                             "torch.autocast the values stay fp32 and the output follows autocast)")
-        if probe.device != self.values.device:
-            kernels.backend_name(probe.device)  # raises for devices without a backend
         super()._apply(fn, recurse)
         self._state = self._state.to(self.values.device, self.values.dtype)
         return self
@@ -337,9 +337,10 @@ class TopKASTLinear(nn.Module):
                     "this layer's values but was not passed to refresh(); its state would "
                     "no longer match the coordinates (nothing was changed). Pass it: "
                     "layer.refresh(optimizer), or use SparseModel.attach(optimizer).")
-        res = _refresh(self._state, self.values.detach().numpy(), k_a=self.k_a, k_b=self.k_b,
-                       reserve_target=self._reserve_target(), reserve_cap=self._reserve_cap(),
-                       spec=self._spec(), name=where)
+        dev = self.values.device   # the refresh runs on the host (Numba), see docs/gpu.md
+        res = _refresh(self._state.to("cpu"), self.values.detach().cpu().numpy(),
+                       k_a=self.k_a, k_b=self.k_b, reserve_target=self._reserve_target(),
+                       reserve_cap=self._reserve_cap(), spec=self._spec(), name=where)
         remap = [t for opt in given for t in (opt.state.get(self.values) or {}).values()
                  if torch.is_tensor(t) and t.shape == self.values.shape]
         if self.values.grad is not None:
@@ -347,18 +348,26 @@ class TopKASTLinear(nn.Module):
         # commit: nothing below can fail on valid input
         new_state, new_values, src, info = res
         del res
-        self._state = new_state
+        self._state = new_state.to(dev)
         self.values.copy_(torch.from_numpy(new_values))
         del new_values
+        src_dev = {}
 
         def remap_tensor(t: torch.Tensor) -> None:
             if t.shape != self.values.shape:
                 raise ValueError(f"{where}: a remapped tensor must have the shape of values "
                                  f"{tuple(self.values.shape)}, got {tuple(t.shape)}")
-            arr = t.detach().numpy()
-            new = np.empty_like(arr)
-            _pool.gather_or_zero(arr, src, new)
-            arr[:] = new
+            if t.device.type == "cpu":
+                arr = t.detach().numpy()
+                new = np.empty_like(arr)
+                _pool.gather_or_zero(arr, src, new)
+                arr[:] = new
+                return
+            if t.device not in src_dev:
+                src_dev[t.device] = torch.from_numpy(src).to(t.device, torch.int64)
+            s_t = src_dev[t.device]
+            t.copy_(torch.where(s_t >= 0, t[s_t.clamp(min=0)], torch.zeros((), dtype=t.dtype,
+                                                                           device=t.device)))
 
         for t in remap:
             remap_tensor(t)

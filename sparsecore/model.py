@@ -533,6 +533,10 @@ class SparseModel(nn.Module):
                 reason = greason if len(names) > 1 else next(
                     u[4] for u in self._units if u[0] == names[0])
                 lines.append(f"  {shown}  {kind}({shape})  {reason}")
+        if n_sparse:
+            lines.append("note: sparse weights are 1-D `values` parameters; recipes that decay "
+                         "only p.dim() >= 2 skip them: build groups with "
+                         "sparsecore.param_groups(model, weight_decay)")
         return "\n".join(lines)
 
     # ---------------------------------------------------------------- state

@@ -83,7 +83,11 @@ def test_weight_gradient_on_b_matches_dense_conv_gradient(geom):
     a = layer.active_indices()
     b_minus_a = torch.from_numpy(np.setdiff1d(layer.backward_indices().numpy(), a.numpy()))
     assert b_minus_a.numel() == layer.k_b - layer.k_a > 0
-    # values are ordered: A's flat indices (row-major), then those of B minus A
+    # values are ordered: A's flat indices (row-major), then those of B minus A;
+    # backward gives the data term, the step pre-hook adds the exploration term
+    torch.testing.assert_close(layer.values.grad, torch.cat([gw[a], gw[b_minus_a]]),
+                               rtol=1e-10, atol=1e-12)
+    layer.apply_exploration()
     expect = torch.cat([gw[a] + lam * theta[a], gw[b_minus_a] + lam / (1 - sf) * theta[b_minus_a]])
     torch.testing.assert_close(layer.values.grad, expect, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(layer.bias.grad, g.sum(dim=(0, 2, 3)))

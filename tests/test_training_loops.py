@@ -206,3 +206,24 @@ def test_torch_compile_fullgraph_equals_eager_across_a_refresh():
                     if isinstance(m, sc.TopKASTLinear):
                         changed += m.refresh(opt)["changed_a"]
     assert changed > 0, "the test must cross a refresh that changes A"
+
+
+def test_param_groups_decay_sparse_values_like_matrices():
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.LayerNorm(8),
+                                  torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    model = sc.SparseModel(net, forward_sparsity=0.5, backward_sparsity=0.3, verbose=False)
+    assert "param_groups" in model.summary()
+    # a dimension-based recipe (nanoGPT) misses the sparse weights ...
+    by_dim = {id(p) for p in model.parameters() if p.dim() >= 2}
+    values = [l.values for l in model.sparse_layers().values()]
+    assert not any(id(v) in by_dim for v in values)
+    # ... param_groups puts them with the matrices
+    decay, rest = sc.param_groups(model, weight_decay=0.1)
+    ids = {id(p) for p in decay["params"]}
+    assert ids == by_dim | {id(v) for v in values}
+    assert {id(p) for p in rest["params"]} == {id(p) for p in model.parameters()} - ids
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    torch.optim.AdamW(sc.param_groups(model, 0.1), lr=1e-3)   # accepted by torch
+    with pytest.raises(ValueError, match="weight_decay"):
+        sc.param_groups(model, -1.0)

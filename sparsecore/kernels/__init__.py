@@ -9,8 +9,17 @@ With ``check=True`` (the default) inputs are validated and bad ones raise with a
 message naming the value; non-contiguous dense inputs are made contiguous (a copy).
 The engine calls with ``check=False`` on structures it built itself.
 
-Backends: ``cpu`` (Numba). A CUDA backend is not implemented yet; CUDA tensors
-raise :class:`NotImplementedError` here, the one place that would route them.
+Backends, chosen here by the device of the tensors (the one dispatch point):
+
+* ``numba-cpu`` for CPU tensors (:mod:`sparsecore.kernels.cpu`);
+* ``triton`` for CUDA tensors (:mod:`sparsecore.kernels.triton_backend`; needs the
+  ``triton`` package): float32 values, float32/bf16/fp16 activations, fp32
+  accumulation.
+
+``use_backend("triton")`` routes CPU tensors through the Triton kernels too; that
+runs them in Triton's interpreter and needs ``TRITON_INTERPRET=1`` in the environment
+before triton is first imported (the tests do this). Other devices raise
+:class:`NotImplementedError`.
 """
 from __future__ import annotations
 
@@ -31,13 +40,53 @@ __all__ = ["backend_name", "spmm", "spmm_t", "transpose_csr", "sddmm", "select_t
            "init_values", "scan"]
 
 
+_FORCED: list[str] = []  # innermost use_backend() override for CPU tensors
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Within the block, CPU tensors are served by backend ``name`` ("numba-cpu" or
+    "triton"; the latter runs Triton's interpreter, for tests)."""
+    if name not in ("numba-cpu", "triton"):
+        raise ValueError(f"backend must be 'numba-cpu' or 'triton', got {name!r}")
+    if name == "triton" and not _triton().INTERPRET:
+        raise RuntimeError("use_backend('triton') on CPU tensors needs Triton's interpreter: "
+                           "set TRITON_INTERPRET=1 before triton is first imported")
+    _FORCED.append(name)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def _triton():
+    try:
+        from . import triton_backend
+    except ImportError as e:
+        raise NotImplementedError(f"CUDA tensors need the Triton backend: {e}") from None
+    return triton_backend
+
+
 def backend_name(device: torch.device | str = "cpu") -> str:
     """The backend that serves tensors on ``device`` (the dispatch point)."""
     dev = torch.device(device)
     if dev.type == "cpu":
-        return "numba-cpu"
+        return _FORCED[-1] if _FORCED else "numba-cpu"
+    if dev.type == "cuda":
+        _triton()
+        return "triton"
     raise NotImplementedError(
-        f"sparsecore has no kernel backend for device {dev} yet; only CPU is supported")
+        f"sparsecore has no kernel backend for device {dev}; supported: cpu (Numba), "
+        "cuda (Triton)")
+
+
+def _on_triton(t: torch.Tensor) -> bool:
+    return backend_name(t.device) == "triton"
+
+
+def value_dtypes(device: torch.device | str = "cpu") -> tuple:
+    """The dtypes of ``values`` the backend for ``device`` supports."""
+    return (torch.float32,) if backend_name(device) == "triton" else (torch.float32, torch.float64)
 
 
 # Below this many flops a product runs on the calling thread only: waking a
@@ -67,6 +116,8 @@ def _np(t: torch.Tensor, name: str) -> np.ndarray:
 def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
          xt: torch.Tensor, *, n_cols: int | None = None, check: bool = True) -> torch.Tensor:
     """yt = W @ xt for W (rows, n_cols) in CSR and xt (n_cols, n); returns (rows, n)."""
+    if _on_triton(xt):
+        return _triton().spmm(indptr, indices, values, xt, n_cols=n_cols, check=check)
     rows = indptr.numel() - 1
     if check:
         check_float(values, "values")
@@ -94,12 +145,14 @@ def transpose_csr(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int, *,
 def spmm_t(t_indptr: torch.Tensor, t_rows: torch.Tensor, t_perm: torch.Tensor,
            values: torch.Tensor, gt: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """dxt = W^T @ gt for gt (rows_of_W, n); W^T from :func:`transpose_csr`."""
+    if _on_triton(gt):
+        return _triton().spmm_t(t_indptr, t_rows, t_perm, values, gt, check=check)
     if check:
         check_float(values, "values")
         check_csr(t_indptr, t_rows, t_indptr.numel() - 1, gt.shape[0] if gt.dim() else 0, "W^T")
         check_dense(gt, "gt", values.dtype)
-        if t_perm.dtype != torch.int64 or t_perm.numel() != t_rows.numel():
-            raise ValueError("t_perm must be int64 with one entry per stored value")
+        if t_perm.dtype not in (torch.int32, torch.int64) or t_perm.numel() != t_rows.numel():
+            raise ValueError("t_perm must be int32 or int64 with one entry per stored value")
         if t_perm.numel() and (int(t_perm.min()) < 0 or int(t_perm.max()) >= values.numel()):
             raise IndexError(f"t_perm points outside values (length {values.numel()})")
     with _threads_for(2 * t_rows.numel() * gt.shape[1]):
@@ -113,6 +166,9 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: tor
           out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
     """For each stored (row, col): sum_n gt[row, n] * xt[col, n], plus reg * theta.
     Writes into ``out`` (length nnz) when given."""
+    if _on_triton(gt):
+        return _triton().sddmm(indptr, indices, gt, xt, theta=theta, reg=reg, out=out,
+                               check=check)
     if check:
         check_float(gt, "gt")
         check_csr(indptr, indices, indptr.numel() - 1, xt.shape[0] if xt.dim() else 0, "W")
