@@ -97,8 +97,8 @@ TRAIN_DEFAULTS = dict(
     d_model=128, layers=4, heads=4, context=128,
     forward_sparsity=0.9, backward_sparsity=0.8, refresh_every=50, exploration=1e-4,
     dense=False, optimizer="adamw", lr=3e-3, min_lr=3e-4, warmup=100, weight_decay=0.0,
-    grad_clip=1.0, batch=16, grad_accum=1, steps=1500, seed=0, data=None,
-    max_bytes=DEFAULT_MAX_BYTES, eval_every=250, val_tokens=32768, save_every=250,
+    grad_clip=1.0, batch=16, grad_accum=1, steps=1000, seed=0, data=None,
+    max_bytes=DEFAULT_MAX_BYTES, eval_every=200, val_tokens=32768, save_every=200,
     quick=False, name="gpt", runs_dir="runs", resume=False, threads=None, device="cpu",
     stop_at=None)
 #: ``--quick``: a tiny model and a few steps (CI, smoke tests); explicit flags win.
@@ -153,17 +153,17 @@ def _train_parser(sub) -> None:
                    "(default 1)")
     g.add_argument("--batch", type=_positive_int, help="sequences per micro-batch (default 16)")
     g.add_argument("--grad-accum", type=_positive_int, help="micro-batches per step (default 1)")
-    g.add_argument("--steps", type=_positive_int, help="optimizer steps (default 1500)")
+    g.add_argument("--steps", type=_positive_int, help="optimizer steps (default 1000)")
     g.add_argument("--seed", type=_nonneg_int, help="model and data-order seed (default 0)")
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--data", help="text file or folder of text files (default: the Python "
                    "standard library's .py sources)")
     g.add_argument("--max-bytes", type=_size, help="read at most this much text (default 2MiB)")
     g.add_argument("--eval-every", type=_positive_int, help="steps between validations "
-                   "(default 250)")
+                   "(default 200)")
     g.add_argument("--val-tokens", type=_positive_int, help="validation bytes (default 32768)")
     g.add_argument("--save-every", type=_positive_int, help="steps between checkpoints "
-                   "(default 250)")
+                   "(default 200)")
     g = p.add_argument_group("run")
     g.add_argument("--name", help="run name (default gpt; gpt-dense with --dense)")
     g.add_argument("--runs-dir", help="parent folder of runs (default runs)")
@@ -474,6 +474,7 @@ def _train_loop(model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen, de
     if val_history:
         bar.write(f"step {step}: validation {val_history[-1][1]:.3f} bits/byte")
     t_loop, step0, tok_s, loss_v = time.perf_counter(), step, 0.0, float("nan")
+    rss_first = None
     try:
         while step < stop:
             t = time.perf_counter()
@@ -501,6 +502,7 @@ def _train_loop(model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen, de
             dt = time.perf_counter() - t
             tok_s = tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * tokens_per_step / dt
             rss = rss_bytes()
+            rss_first = rss if rss_first is None else rss_first
             record(type="train", step=step, loss=loss_v, bpb=loss_v / LN2, lr=lr,
                    tokens_per_s=tokens_per_step / dt, rss=rss)
             refreshes = 0
@@ -532,7 +534,7 @@ def _train_loop(model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen, de
         print(f"the run is already complete at step {step}; raise --steps to continue it")
     return {"step": step, "stopped_early": step < c["steps"],
             "seconds": time.perf_counter() - t_loop, "steps_this_run": step - step0,
-            "tokens_per_s": tokens_per_step * (step - step0)
+            "rss_after_first_step": rss_first, "tokens_per_s": tokens_per_step * (step - step0)
             / max(1e-9, time.perf_counter() - t_loop), "last_loss": loss_v}
 
 
@@ -548,6 +550,7 @@ def _summary(model, opt, c, cfg, result, rss_before, seconds) -> dict:
                          batch=c["batch"])
     n_dense = plan["dense_equivalent_params"]
     s = OPTIMIZER_STATES[c["optimizer"]]
+    reserve = None
     if c["dense"]:
         stored = sum(p.numel() for p in model.parameters())
         state = dense_training_bytes(stored, optimizer_states=s)
@@ -556,14 +559,18 @@ def _summary(model, opt, c, cfg, result, rss_before, seconds) -> dict:
         sparse_ids = {id(l.values) for l in layers.values()}
         stored = (sum(l.values.numel() for l in layers.values())
                   + sum(p.numel() for p in model.parameters() if id(p) not in sparse_ids))
-        state = int(model.memory_report(opt)["total"])
+        rep = model.memory_report(opt)
+        state = int(rep["total"])
+        reserve = (int(rep["reserve"]), plan["sparsecore"]["reserve"])
     return {"run_dir": c["run_dir"], "steps": result["step"], "target_steps": c["steps"],
             "stopped_early": result["stopped_early"], "seconds": seconds,
             "train_seconds": result["seconds"], "tokens_per_s": result["tokens_per_s"],
             "val_bpb_first": vals[0] if vals else None, "val_bpb_last": vals[-1] if vals else None,
             "dense_equivalent_params": n_dense, "stored_params": stored, "dense": c["dense"],
             "peak_rss": result["peak_rss"], "rss_before_model": rss_before,
-            "state_bytes": state, "dense_adam_state_bytes": plan["dense"]["state"],
+            "rss_after_first_step": result["rss_after_first_step"],
+            "state_bytes": state, "reserve_bytes_and_planned": reserve,
+            "dense_adam_state_bytes": plan["dense"]["state"],
             "activations_estimate": plan["dense"]["activations"]}
 
 
@@ -577,10 +584,17 @@ def _print_summary(s: dict, run_dir: str) -> None:
         print(f"validation bits/byte: {b0:.3f} (step {s0}) -> {b1:.3f} (step {s1})")
     print(f"parameters: {s['dense_equivalent_params']:,} dense-equivalent, "
           f"{s['stored_params']:,} stored ({s['stored_params'] / s['dense_equivalent_params']:.1%})")
-    print(f"memory: measured peak RSS {fmt_bytes(s['peak_rss'])} (process; "
-          f"{fmt_bytes(s['rss_before_model'])} before the model was built)")
+    first = s["rss_after_first_step"]
+    print(f"memory: measured peak RSS {fmt_bytes(s['peak_rss'])} for the whole process: "
+          f"{fmt_bytes(s['rss_before_model'])} at start (Python, torch, numba)"
+          + (f", {fmt_bytes(first)} after the model was built and its kernels compiled "
+             f"(first step)" if first else ""))
     print(f"        {kind} model + optimizer state: {fmt_bytes(s['state_bytes'])}"
           + ("" if s["dense"] else " (memory_report())"))
+    if s["reserve_bytes_and_planned"]:
+        have, planned = s["reserve_bytes_and_planned"]
+        print(f"        of which reserve {fmt_bytes(have)} (nominal {fmt_bytes(planned)}; it keeps "
+              "every coordinate that ever left B, see docs/design.md)")
     print(f"        dense Adam model + optimizer state: {fmt_bytes(s['dense_adam_state_bytes'])}"
           f" (estimate); activations about {fmt_bytes(s['activations_estimate'])} for both")
     print(f"files: {os.path.join(run_dir, CHECKPOINT)}, {METRICS}, {PLOT}, {SUMMARY}")

@@ -239,3 +239,9 @@ def test_generate_and_plan_errors(tmp_path, capsys):
     assert "--gpu-memory" in line and "'eighty'" in line
     line = error_line(capsys, cli.main(["nonsense"]))
     assert "invalid choice: 'nonsense'" in line
+
+
+def test_info_command(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel backend (cpu)" in out and "refresh changed" in out
