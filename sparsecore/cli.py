@@ -301,11 +301,14 @@ def evaluate(model, data: torch.Tensor, c: dict) -> float:
 def _read_json(path: str, what: str) -> dict:
     try:
         with open(path) as fh:
-            return json.load(fh)
+            obj = json.load(fh)
     except FileNotFoundError:
         raise CLIError(f"{path}: not found ({what})") from None
     except (OSError, json.JSONDecodeError) as e:
-        raise CLIError(f"{path}: unreadable {what} ({e})") from None
+        raise CLIError(f"{path}: cannot read {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise CLIError(f"{path}: cannot read {what} (expected a JSON object)")
+    return obj
 
 
 def _write_json(path: str, obj: dict) -> None:

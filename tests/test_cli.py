@@ -108,6 +108,7 @@ def test_dense_run(tmp_path):
         s = json.load(fh)
     assert s["dense"] and s["stored_params"] == s["dense_equivalent_params"]
     assert records(str(tmp_path / "runs" / "d"), "refresh") == []
+    assert cli.main(["generate", "--run", str(tmp_path / "runs" / "d"), "--tokens", "5"]) == 0
 
 
 def test_no_arguments_prints_help(capsys):
@@ -226,6 +227,9 @@ def test_run_and_resume_errors(tmp_path, capsys):
     line = error_line(capsys, cli.main(["generate", "--run", str(tmp_path / "runs" / "r")]))
     assert line.startswith("sparsecore generate: error: cannot load the run's checkpoint: ")
     assert "checkpoint.safetensors" in line
+    (tmp_path / "runs" / "other" / "config.json").write_text("[1, 2]")
+    line = error_line(capsys, train(tmp_path, "other", "--resume"))
+    assert "config.json: cannot read the run's settings" in line
     ckpt.unlink()
     assert "no checkpoint to resume" in error_line(capsys, train(tmp_path, "r", "--resume"))
 
