@@ -53,9 +53,12 @@ def _text_files(path: str) -> list[str]:
             p = os.path.join(root, f)
             if f.startswith(".") or not os.path.isfile(p):
                 continue
-            with open(p, "rb") as fh:
-                if b"\0" in fh.read(8192):
-                    continue
+            try:
+                with open(p, "rb") as fh:
+                    if b"\0" in fh.read(8192):
+                        continue
+            except OSError as e:
+                raise CorpusError(f"cannot read {p!r}: {e.strerror}") from None
             found.append(p)
     return sorted(found, key=lambda p: os.path.relpath(p, path))
 
@@ -72,8 +75,9 @@ def _read_capped(files: list[str], max_bytes: int) -> tuple[bytes, int]:
                 chunk = fh.read(max_bytes - total)
         except OSError as e:
             raise CorpusError(f"cannot read {p!r}: {e.strerror}") from None
-        parts.append(chunk)
-        total += len(chunk)
+        if chunk:
+            parts.append(chunk)
+            total += len(chunk)
     return b"".join(parts), len(parts)
 
 
