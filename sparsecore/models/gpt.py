@@ -11,8 +11,6 @@ tables are computed in ``forward``.
 """
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import asdict, dataclass
 
 import torch
