@@ -99,3 +99,47 @@ class MemoryReport(dict):
                      "  (weights + grads + 2 Adam states)")
         lines.append(f"{'sparse / dense':<20}{self['ratio']:>16.4%}")
         return "\n".join(lines)
+
+
+def sparse_layers_bytes(shapes, forward_sparsity: float, backward_sparsity: float, *,
+                        reserve: float = 0.25, value_bytes: int = 4,
+                        optimizer_states: int = 2) -> dict:
+    """Bytes by kind of several Top-KAST layers, given ``shapes`` as
+    ``(in_features, out_features)`` pairs, without building any of them: K_A and K_B
+    come from ``sparsecore.topkast.sizes`` and the reserve holds
+    ``ceil(reserve * K_B)`` entries, as in a built layer. Biases are not included.
+    Also returns ``k_a`` and ``k_b`` (summed element counts)."""
+    from .topkast import sizes  # imported here: topkast imports nothing from this module
+
+    total = dict.fromkeys(("values", "gradients", "optimizer_state", "indices", "reserve",
+                           "k_a", "k_b"), 0)
+    for fan_in, fan_out in shapes:
+        k_a, k_b = sizes(fan_in, fan_out, forward_sparsity, backward_sparsity)
+        part = sparse_layer_bytes(fan_in, fan_out, k_a, k_b, int(math.ceil(reserve * k_b)),
+                                  value_bytes=value_bytes, optimizer_states=optimizer_states)
+        for k, v in part.items():
+            total[k] += v
+        total["k_a"] += k_a
+        total["k_b"] += k_b
+    return total
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2,
+          "mib": 1024 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "tib": 1024 ** 4}
+
+
+def parse_bytes(text: str) -> int:
+    """Parse a size such as ``"80GB"``, ``"80 GiB"``, ``"512M"`` or ``"1000000"``
+    (decimal units for K/M/G/T and KB/MB/GB/TB, binary for KiB/MiB/GiB/TiB).
+    Raises ValueError naming the text when it is not a positive size."""
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = math.nan
+    if unit not in _UNITS or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a positive size such as 80GB, 16GiB or 512M, got {text!r}")
+    return int(value * _UNITS[unit])
