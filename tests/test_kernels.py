@@ -555,8 +555,10 @@ def test_value_count_and_perm_rejected():
     with pytest.raises(ValueError, match=r"values has 3 entries; W stores 4"):
         kernels.spmm(ip, ix, v[:3], xt)
     t_ip, t_rows, t_perm = kernels.transpose_csr(ip, ix, 5)
-    with pytest.raises(ValueError, match=r"t_perm must be int64"):
-        kernels.spmm_t(t_ip, t_rows, t_perm.int(), v, gt)
+    with pytest.raises(ValueError, match=r"t_perm must be int32 or int64"):
+        kernels.spmm_t(t_ip, t_rows, t_perm.short(), v, gt)
+    torch.testing.assert_close(kernels.spmm_t(t_ip, t_rows, t_perm.int(), v, gt),
+                               kernels.spmm_t(t_ip, t_rows, t_perm, v, gt), rtol=0, atol=0)
     with pytest.raises(IndexError, match=r"t_perm points outside values \(length 3\)"):
         kernels.spmm_t(t_ip, t_rows, t_perm, v[:3], gt)
     with pytest.raises(ValueError, match=r"theta must have 4 entries"):
@@ -947,9 +949,14 @@ def test_backend_name():
     assert isinstance(kernels.backend_name("cpu"), str) and kernels.backend_name("cpu")
     assert kernels.backend_name(torch.device("cpu")) == kernels.backend_name("cpu")
     assert kernels.backend_name() == kernels.backend_name("cpu")
-    for dev in ("cuda", "cuda:0", "meta"):
-        with pytest.raises(NotImplementedError, match=r"no kernel backend"):
-            kernels.backend_name(dev)
+    with pytest.raises(NotImplementedError, match=r"no kernel backend"):
+        kernels.backend_name("meta")
+    for dev in ("cuda", "cuda:0"):
+        if torch.cuda.is_available():
+            assert kernels.backend_name(dev) == "triton"
+        else:
+            with pytest.raises(RuntimeError, match=r"is_available"):
+                kernels.backend_name(dev)
 
 
 def test_non_cpu_tensors_are_routed_to_the_dispatch_point():

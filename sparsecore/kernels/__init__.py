@@ -73,6 +73,9 @@ def backend_name(device: torch.device | str = "cpu") -> str:
     if dev.type == "cpu":
         return _FORCED[-1] if _FORCED else "numba-cpu"
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {dev} requested but torch.cuda.is_available() is False "
+                               "(no GPU, or a CPU-only build of torch)")
         _triton()
         return "triton"
     raise NotImplementedError(
