@@ -7,6 +7,7 @@ rest of its sparse structure as one immutable :class:`~sparsecore.state.SparseSt
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections import OrderedDict
 
@@ -55,6 +56,7 @@ def _optimizers(optimizer) -> list:
 # Keyed by id(values) (tensors compare elementwise, so they make poor dict keys);
 # an entry counts only while its layer is alive and still owns that Parameter.
 _LAYER_OF: dict[int, weakref.ref] = {}
+_NOTICES = {"reserve": False}   # notices shown once per process
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
@@ -142,7 +144,8 @@ class TopKASTLinear(nn.Module):
         self.k_a, self.k_b = sizes(in_features, out_features, forward_sparsity, backward_sparsity)
         check_index_range(in_features, out_features, self.k_a, name or type(self).__name__)
         self.stats = {"refreshes": 0, "replenishes": 0, "changed_a": 0.0, "changed_b": 0.0,
-                      "entered_a_from_outside_b": 0, "scanned_added": 0, "trimmed": 0}
+                      "entered_a_from_outside_b": 0, "scanned_added": 0, "trimmed": 0,
+                      "ever_in_b": self.k_b}
 
         with torch.device("cpu"):  # a surrounding `with torch.device("meta")` must not leak in
             self._build(dtype, bias, seed, name)   # the streaming build runs on the host
@@ -380,6 +383,18 @@ class TopKASTLinear(nn.Module):
         s["trimmed"] += info["trimmed"]
         s["changed_a"], s["changed_b"] = info["changed_a"], info["changed_b"]
         s["entered_a_from_outside_b"] += info["entered_a_from_outside_b"]
+        # every coordinate that was ever in B is in B now or, trained, in the reserve
+        s["ever_in_b"] = self.k_b + info["trained_in_reserve"]
+        if self._state.n_reserve > self._reserve_cap() and not _NOTICES["reserve"]:
+            _NOTICES["reserve"] = True
+            warnings.warn(
+                f"{where}: the reserve holds {self._state.n_reserve} entries "
+                f"({self._state.n_reserve / self.k_b:.2f} x K_B), above its cap of "
+                f"{self._reserve_cap()}: {info['trained_in_reserve']} of them are trained "
+                "coordinates that left B, which exactness must keep, so memory grows with "
+                "the union of B over training (stats()['total']['ever_in_b']; a disk tier "
+                "for them is not implemented yet). Shown once per process.",
+                RuntimeWarning, stacklevel=2)
         return info
 
     def register_refresh_hook(self, hook) -> RemovableHandle:

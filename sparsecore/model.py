@@ -628,8 +628,9 @@ class SparseModel(nn.Module):
     # ---------------------------------------------------------------- reporting
     def stats(self) -> dict:
         """Per layer and total: nnz of A/B/pool, fraction of A and B changed at the
-        last refresh, cumulative coordinates that entered A from outside B,
-        replenishing scans and refreshes."""
+        last refresh, cumulative coordinates that entered A from outside B, the size
+        of the union of B over training so far (``ever_in_b``), reserve entries
+        trimmed, replenishing scans and refreshes."""
         per = {}
         for n, l in self.sparse_layers().items():
             s = l.stats
@@ -637,10 +638,11 @@ class SparseModel(nn.Module):
                       "dense_equivalent": l.n_total, "changed_a": s["changed_a"],
                       "changed_b": s["changed_b"],
                       "entered_a_from_outside_b": s["entered_a_from_outside_b"],
-                      "replenishes": s["replenishes"], "refreshes": s["refreshes"]}
+                      "replenishes": s["replenishes"], "refreshes": s["refreshes"],
+                      "ever_in_b": s["ever_in_b"], "trimmed": s["trimmed"]}
         tot = {k: sum(p[k] for p in per.values())
                for k in ("nnz_a", "nnz_b", "pool", "dense_equivalent",
-                         "entered_a_from_outside_b", "replenishes")}
+                         "entered_a_from_outside_b", "replenishes", "ever_in_b", "trimmed")}
         tot["changed_a"] = (sum(p["changed_a"] * p["nnz_a"] for p in per.values())
                             / max(1, tot["nnz_a"]))
         tot["changed_b"] = (sum(p["changed_b"] * p["nnz_b"] for p in per.values())

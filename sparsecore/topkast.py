@@ -97,6 +97,16 @@ def _src_counts(src, k_a_new, k_a_old):
 
 
 @nb.njit(parallel=True, cache=True)
+def _count_trained(key, flat, val, kind, param, round32):
+    """How many entries no longer hold theta0(key, flat) (coordinates that were in B)."""
+    c = 0
+    for i in nb.prange(flat.shape[0]):
+        if val[i] != _init._theta0(key, flat[i], kind, param, round32):
+            c += 1
+    return c
+
+
+@nb.njit(parallel=True, cache=True)
 def _untrained(key, flat, val, kind, param, round32, out):
     """out[i] = val[i] still equals theta0(key, flat[i])."""
     for i in nb.prange(flat.shape[0]):
@@ -212,7 +222,10 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
                             torch.from_numpy(na_cols), torch.from_numpy(nx_indptr),
                             torch.from_numpy(nx_cols), torch.from_numpy(nr_flat),
                             torch.from_numpy(nr_val), float(floor), state.key)
-    info = {"replenished": replenished, "scanned_added": added, "trimmed": trimmed}
+    trained = _count_trained(_init.key_to_uint64(spec.key), nr_flat, nr_val, spec.kind,
+                             spec.param, spec.dtype == np.float32)
+    info = {"replenished": replenished, "scanned_added": added, "trimmed": trimmed,
+            "trained_in_reserve": int(trained)}
     if want_src:
         k_a_old = a_cols.shape[0]
         a_kept, b_kept, a_new = _src_counts(src, k_a, k_a_old)

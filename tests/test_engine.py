@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -303,7 +304,7 @@ def test_state_dict_mismatch_refused_and_layer_unchanged():
 
 
 @pytest.mark.parametrize("reserve", [0.25, 1.0])
-def test_heavy_churn_trims_the_reserve_and_stays_exact(reserve):
+def test_heavy_churn_trims_the_reserve_and_stays_exact(reserve, monkeypatch):
     """Refresh after every step with a large learning rate: the reserve fills with
     coordinates that left B, gets trimmed back by raising the floor, and later
     refreshes replenish below the raised floor. A, B and theta stay equal to the
@@ -313,6 +314,9 @@ def test_heavy_churn_trims_the_reserve_and_stays_exact(reserve):
     opt_e = torch.optim.AdamW(layer.parameters(), lr=0.2, weight_decay=0.5)
     opt_r = torch.optim.AdamW(ref.parameters(), lr=0.2, weight_decay=0.5)
     trimmed_at = replenished_after_trim = None
+    ever_b = ref.b.clone()
+    warned = False
+    monkeypatch.setitem(sc.layers._NOTICES, "reserve", False)
     for step in range(24):
         x = torch.randn(8, 60, dtype=torch.float64)
         target = torch.randn(8, 40, dtype=torch.float64)
@@ -321,8 +325,15 @@ def test_heavy_churn_trims_the_reserve_and_stays_exact(reserve):
             torch.nn.functional.mse_loss(model(x), target).backward()
         opt_e.step()
         ref.step(opt_r)
-        info = layer.refresh(opt_e)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info = layer.refresh(opt_e)
         ref.refresh(opt_r)
+        ever_b |= ref.b
+        assert layer.stats["ever_in_b"] == int(ever_b.sum()), step
+        notices = [w for w in caught if "union of B" in str(w.message)]
+        assert len(notices) <= 1
+        warned = warned or bool(notices)
         if info["trimmed"] and trimmed_at is None:
             trimmed_at = step
         if trimmed_at is not None and step > trimmed_at and info["replenished"]:
@@ -332,3 +343,5 @@ def test_heavy_churn_trims_the_reserve_and_stays_exact(reserve):
         torch.testing.assert_close(layer.to_dense(), ref.theta.detach(), rtol=0, atol=1e-9)
     assert trimmed_at is not None, "the test must exercise the reserve trim"
     assert replenished_after_trim is not None, "and a replenishing scan after a trim"
+    # the reserve outgrew its cap with trained coordinates: said (once), not silently
+    assert layer.sparse_state.n_reserve > layer._reserve_cap() and warned

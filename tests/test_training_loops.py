@@ -176,7 +176,10 @@ def test_refresh_hook_keeps_an_ema_aligned():
     assert torch.equal(ema, before)
 
 
-def test_torch_compile_fullgraph_equals_eager_across_a_refresh():
+def test_torch_compile_fullgraph_equals_eager_across_a_refresh(tmp_path, monkeypatch):
+    # a private inductor cache: compiled graphs cached by another checkout (whose
+    # custom ops may return other strides) must not be reused
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.manual_seed(5)
 
     def make():
