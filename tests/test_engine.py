@@ -238,8 +238,8 @@ def test_nan_at_refresh_raises_and_changes_nothing():
     with pytest.raises(sc.RefreshError, match="non-finite"):
         layer.refresh(opt)
     after = layer.state_dict()
-    for k, v in before.items():
-        assert torch.equal(v, after[k]) or (v.isnan() == after[k].isnan()).all(), k
+    for k, v in before.items():   # unchanged, the NaN included
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
     for k, v in state_before.items():
         assert torch.equal(v, opt.state[layer.values][k])
 
