@@ -116,19 +116,16 @@ def _untrained(key, flat, val, kind, param, round32, out):
 _ALL = 1 << 62  # a cut above every flat index: all tied entries are taken
 
 
-def _cut(state_like, pieces, mask, t, n_taken: int, n_equal: int) -> int:
-    """The flat index of the ``n_taken``-th smallest tied entry at key ``t``."""
+def _cut(pool_args: tuple, mask, t, n_taken: int, n_equal: int) -> int:
+    """The flat index of the ``n_taken``-th smallest tied entry at key ``t``
+    (``pool_args`` as :func:`sparsecore.kernels.cpu.pool.tie_flats` takes them)."""
     if n_taken == n_equal:
         return _ALL
-    st_a_indptr, st_a_cols, st_x_indptr, st_x_cols, n_cols = state_like
-    vkeys, r_flat, rkeys, c_flat, ckeys = pieces
     out = np.empty(64, np.int64)
-    cnt = _pool.tie_flats(n_cols, st_a_indptr, st_a_cols, st_x_indptr, st_x_cols, vkeys, r_flat,
-                          rkeys, c_flat, ckeys, mask, t, out)
+    cnt = _pool.tie_flats(*pool_args, mask, t, out)
     if cnt > out.shape[0]:
         out = np.empty(cnt, np.int64)
-        _pool.tie_flats(n_cols, st_a_indptr, st_a_cols, st_x_indptr, st_x_cols, vkeys, r_flat,
-                        rkeys, c_flat, ckeys, mask, t, out)
+        _pool.tie_flats(*pool_args, mask, t, out)
     ties = np.sort(out[:cnt])
     return int(ties[n_taken - 1])
 
@@ -192,12 +189,12 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
     vkeys, mask = _select._as_keys(values)
     rkeys = _select._as_keys(r_val)[0]
     ckeys = _select._as_keys(c_val)[0]
-    structure = (a_indptr, a_cols, x_indptr, x_cols, np.int64(n_cols))
-    keyed = (vkeys, r_flat, rkeys, c_flat, ckeys)
+    pool_args = (np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols, values, vkeys,
+                 r_flat, r_val, rkeys, c_flat, c_val, ckeys)
     t_b, n_b, _, eq_b = _select.topk_threshold([values, r_val, c_val], k_b)
     t_a, n_a, _, eq_a = _select.topk_threshold([values, r_val, c_val], k_a)
-    cut_b = _cut(structure, keyed, mask, t_b, n_b, eq_b)
-    cut_a = _cut(structure, keyed, mask, t_a, n_a, eq_a)
+    cut_b = _cut(pool_args, mask, t_b, n_b, eq_b)
+    cut_a = _cut(pool_args, mask, t_a, n_a, eq_a)
 
     n_pool = values.shape[0] + r_flat.shape[0] + c_flat.shape[0]
     na_indptr = np.empty(n_rows + 1, np.int64)
@@ -208,10 +205,8 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
     src = np.empty(k_b if want_src else 0, np.int32 if k_b <= INT32_MAX else np.int64)
     nr_flat = np.empty(n_pool - k_b, np.int64)
     nr_val = np.empty(n_pool - k_b, dtype)
-    _pool.split_rows(np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols, values, vkeys,
-                     r_flat, r_val, rkeys, c_flat, c_val, ckeys, mask, t_a, np.int64(cut_a),
-                     t_b, np.int64(cut_b), na_indptr, na_cols, nx_indptr, nx_cols, nvals, src,
-                     nr_flat, nr_val)
+    _pool.split_rows(*pool_args, mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b),
+                     na_indptr, na_cols, nx_indptr, nx_cols, nvals, src, nr_flat, nr_val)
     del c_flat, c_val
     trimmed = 0
     if reserve_cap is not None and nr_flat.shape[0] > reserve_cap:

@@ -41,13 +41,13 @@ def test_split_rows_equals_sorting(sizes, ties):
     k_b = (len(allf) * 2) // 3
     k_a = max(1, k_b // 2)
     vkeys, mask = select._as_keys(vals)
-    keyed = (vkeys, fr, select._as_keys(vr)[0], fc, select._as_keys(vc)[0])
+    pool_args = (np.int64(N_COLS), a_ip, a_c, x_ip, x_c, vals, vkeys, fr, vr,
+                 select._as_keys(vr)[0], fc, vc, select._as_keys(vc)[0])
     cuts = []
     for k in (k_a, k_b):
         t, n_taken, _, n_eq = select.topk_threshold([vals, vr, vc], k)
         out = np.empty(len(allf), np.int64)
-        cnt = pool.tie_flats(np.int64(N_COLS), a_ip, a_c, x_ip, x_c, *keyed[:1], fr, keyed[2],
-                             fc, keyed[4], mask, t, out)
+        cnt = pool.tie_flats(*pool_args, mask, t, out)
         assert cnt == n_eq
         cuts.append((t, int(np.sort(out[:cnt])[n_taken - 1])))
     (t_a, cut_a), (t_b, cut_b) = cuts
@@ -59,8 +59,7 @@ def test_split_rows_equals_sorting(sizes, ties):
     src = np.empty(k_b, np.int32)
     nr_f = np.empty(len(allf) - k_b, np.int64)
     nr_v = np.empty(len(allf) - k_b, np.float32)
-    pool.split_rows(np.int64(N_COLS), a_ip, a_c, x_ip, x_c, vals, vkeys, fr, vr, keyed[2], fc, vc,
-                    keyed[4], mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b),
+    pool.split_rows(*pool_args, mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b),
                     na_ip, na_c, nx_ip, nx_c, nv, src, nr_f, nr_v)
     new_a = csr_to_flat(na_ip, na_c, N_COLS)
     new_x = csr_to_flat(nx_ip, nx_c, N_COLS)

@@ -45,6 +45,19 @@ def _next(n_cols, row, a_indptr, a_cols, pa, x_indptr, x_cols, px, r_flat, pr,
     return best, which
 
 
+@nb.njit(inline="always", cache=True)
+def _pop(which, k_a, pa, px, pr, pc, vals, vkeys, r_val, rkeys, c_val, ckeys, mask):
+    """Take the head of stream ``which`` (see :func:`_next`): returns its old position
+    in ``vals`` (-1 for R and C), value, magnitude key, and the advanced heads."""
+    if which == 0:
+        return pa, vals[pa], vkeys[pa] & mask, pa + 1, px, pr, pc
+    if which == 1:
+        return k_a + px, vals[k_a + px], vkeys[k_a + px] & mask, pa, px + 1, pr, pc
+    if which == 2:
+        return -1, r_val[pr], rkeys[pr] & mask, pa, px, pr + 1, pc
+    return -1, c_val[pc], ckeys[pc] & mask, pa, px, pr, pc + 1
+
+
 @nb.njit(cache=True)
 def dedupe_candidates(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, c_flat):
     """Compact ``c_flat`` (sorted) in place, dropping indices already in A, X or R;
@@ -81,18 +94,14 @@ def dedupe_candidates(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, c_flat
 
 
 @nb.njit(cache=True)
-def tie_flats(n_cols, a_indptr, a_cols, x_indptr, x_cols, vkeys, r_flat, rkeys, c_flat,
-              ckeys, mask, t, out):
+def tie_flats(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_val, rkeys,
+              c_flat, c_val, ckeys, mask, t, out):
     """Flat indices of the pool entries whose magnitude key equals ``t``, written
     to ``out`` (ascending) up to its length; returns their total number."""
     n_rows = a_indptr.shape[0] - 1
     k_a = a_cols.shape[0]
-    pa = np.int64(0)
-    px = np.int64(0)
-    pr = np.int64(0)
-    pc = np.int64(0)
+    pa = px = pr = pc = np.int64(0)
     cnt = 0
-    cap = out.shape[0]
     for row in range(n_rows):
         base = np.int64(row) * n_cols
         while True:
@@ -100,20 +109,10 @@ def tie_flats(n_cols, a_indptr, a_cols, x_indptr, x_cols, vkeys, r_flat, rkeys, 
                                r_flat, pr, c_flat, pc)
             if which < 0:
                 break
-            if which == 0:
-                k = vkeys[pa] & mask
-                pa += 1
-            elif which == 1:
-                k = vkeys[k_a + px] & mask
-                px += 1
-            elif which == 2:
-                k = rkeys[pr] & mask
-                pr += 1
-            else:
-                k = ckeys[pc] & mask
-                pc += 1
+            _, _, k, pa, px, pr, pc = _pop(which, k_a, pa, px, pr, pc, vals, vkeys, r_val,
+                                           rkeys, c_val, ckeys, mask)
             if k == t:
-                if cnt < cap:
+                if cnt < out.shape[0]:
                     out[cnt] = base + col
                 cnt += 1
     return cnt
@@ -132,10 +131,7 @@ def split_rows(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, 
     k_a_old = a_cols.shape[0]
     k_a_new = na_cols.shape[0]
     want_src = src.shape[0] > 0
-    pa = np.int64(0)
-    px = np.int64(0)
-    pr = np.int64(0)
-    pc = np.int64(0)
+    pa = px = pr = pc = np.int64(0)
     ia = np.int64(0)
     ix = np.int64(0)
     ir = np.int64(0)
@@ -148,26 +144,8 @@ def split_rows(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, 
                                r_flat, pr, c_flat, pc)
             if which < 0:
                 break
-            if which == 0:
-                pos = pa
-                v = vals[pa]
-                k = vkeys[pa] & mask
-                pa += 1
-            elif which == 1:
-                pos = k_a_old + px
-                v = vals[pos]
-                k = vkeys[pos] & mask
-                px += 1
-            elif which == 2:
-                pos = -1
-                v = r_val[pr]
-                k = rkeys[pr] & mask
-                pr += 1
-            else:
-                pos = -1
-                v = c_val[pc]
-                k = ckeys[pc] & mask
-                pc += 1
+            pos, v, k, pa, px, pr, pc = _pop(which, k_a_old, pa, px, pr, pc, vals, vkeys, r_val,
+                                             rkeys, c_val, ckeys, mask)
             f = base + col
             if k > t_a or (k == t_a and f <= cut_a):
                 na_cols[ia] = col
