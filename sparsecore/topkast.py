@@ -172,7 +172,7 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
                          dtype=spec.dtype, ceil=floor)
         m = _pool.dedupe_candidates(np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols,
                                    r_flat, new)
-        new = new[:m].copy() if m < new.shape[0] else new
+        new = new[:m]      # a view: copying would hold both at once
         new_val = _init.init_values(spec.key, new, spec.kind, spec.param, dtype)
         if c_flat.shape[0]:
             fo = np.empty(c_flat.shape[0] + m, np.int64)
