@@ -60,6 +60,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def env_world_size() -> int:
     """``WORLD_SIZE`` as set by ``torchrun`` (1 when unset)."""
     text = os.environ.get("WORLD_SIZE", "1")

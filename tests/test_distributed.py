@@ -205,18 +205,37 @@ def _scenario_mismatch(rank, world, out_dir):
         _train(model, opt, ddp, EVERY, rank=rank, world=world, on_step=corrupt)
     except scd.TopologyError as e:
         msgs["refresh"] = str(e)
-    # 4. the process group still works after the three errors (nothing hung)
+    # 4. sparsecore train refuses a global batch the ranks cannot share
+    import contextlib
+    import io
+    from sparsecore import cli
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["train", "--quick", "--batch", "3", "--runs-dir", out_dir])
+    msgs["cli"] = (rc, err.getvalue())
+    # 5. the process group still works after these errors (nothing hung)
     t = torch.ones(1)
     dist.all_reduce(t)
     msgs["after"] = float(t)
     return msgs
 
 
+def _scenario_all(rank, world, out_dir):
+    """Both scenarios in one pair of processes (start-up dominates their cost)."""
+    return {"ddp": _scenario_ddp(rank, world, out_dir),
+            "mismatch": _scenario_mismatch(rank, world, out_dir)}
+
+
 # ------------------------------------------------------------------ tests
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
+def spawned(tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp")
-    return _spawn("_scenario_ddp", d), d
+    return _spawn("_scenario_all", d), d
+
+
+@pytest.fixture(scope="module")
+def ddp_run(spawned):
+    return [r["ddp"] for r in spawned[0]], spawned[1]
 
 
 @pytest.fixture(scope="module")
@@ -280,16 +299,19 @@ def test_checkpoint_written_under_ddp_resumes_in_one_process(ddp_run):
     _assert_same_sets(_snapshot(model), _snapshot(oracle), "resumed")
 
 
-def test_mismatched_ranks_raise_naming_layer_and_rank(tmp_path):
-    res = _spawn("_scenario_mismatch", tmp_path)
+def test_mismatched_ranks_raise_naming_layer_and_rank(spawned):
+    res = [r["mismatch"] for r in spawned[0]]
     assert res[0] == res[1]          # every rank raises the same error
     m = res[0]
-    assert set(m) == {"seed", "config", "refresh", "after"}, m
+    assert set(m) == {"seed", "config", "refresh", "cli", "after"}, m
     assert "(attach): seed differs: rank 0 has 0, rank 1: 1" in m["seed"]
     assert "layer '0' on rank(s) [1]" in m["config"] and "configuration" in m["config"]
     assert f"refresh at step {EVERY}" in m["refresh"]
     assert "layer '2' on rank(s) [1]" in m["refresh"] and "A set differs" in m["refresh"]
     assert m["after"] == WORLD
+    rc, err = m["cli"]
+    assert rc == 2 and "--batch 3 is the global batch and must be divisible by the number " \
+        "of ranks (2)" in err and len(err.strip().splitlines()) == 1
 
 
 def test_single_process_check_is_a_no_op():
@@ -312,3 +334,43 @@ def test_digests_see_every_part_of_the_topology():
     b.refresh()
     db = scd.topology_digests(b)
     assert db["2"]["A"] != da["2"]["A"] and db["0"] == da["0"]
+
+
+# ------------------------------------------------------------------ torchrun
+TINY = ["--quick", "--steps", "8", "--eval-every", "4", "--save-every", "4",
+        "--refresh-every", "2", "--max-bytes", "64KiB", "--val-tokens", "512"]
+
+
+def _records(run, kind):
+    with open(os.path.join(run, "metrics.jsonl")) as fh:
+        return [r for r in map(json.loads, fh) if r["type"] == kind]
+
+
+def test_torchrun_train_then_resume_on_one_process(tmp_path):
+    """2 ranks x 4 sequences for 4 steps (torchrun), then 1 process x 8 sequences
+    for steps 5..8 (--resume) == 1 process x 8 sequences throughout."""
+    from sparsecore import cli
+    runs = str(tmp_path / "runs")
+    assert cli.main(["train", "--runs-dir", runs, "--name", "one", *TINY]) == 0
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "sparsecore", "train", "--runs-dir", runs, "--name", "two", *TINY,
+           "--stop-at", "4"]
+    p = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("done: 4 of 8 steps") == 1            # rank 0 alone reports
+    assert "on 2 ranks (4 sequences per rank" in p.stdout
+    two = os.path.join(runs, "two")
+    assert [r["step"] for r in _records(two, "train")] == [1, 2, 3, 4]   # logged once
+    assert cli.main(["train", "--runs-dir", runs, "--name", "two", "--resume"]) == 0
+    one = os.path.join(runs, "one")
+    assert [r["step"] for r in _records(two, "train")] == list(range(1, 9))
+    for kind in ("train", "val"):
+        a = [r["loss" if kind == "train" else "bpb"] for r in _records(one, kind)]
+        b = [r["loss" if kind == "train" else "bpb"] for r in _records(two, kind)]
+        assert len(a) == len(b)
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4), kind
+    assert a[-1] < a[0] - 0.3
