@@ -5,7 +5,7 @@ happens at each stage (docs/distributed.md, "FSDP2").
     DLPACK=1 python examples/fsdp2_probe.py   # with the proposed as_numpy fix
     TB=1 ...                                  # print tracebacks
 """
-import os, sys, socket, traceback, datetime, warnings
+import os, socket, traceback, datetime, warnings
 import sparsecore as sc
 import torch, torch.distributed as dist, torch.multiprocessing as mp
 from torch import nn

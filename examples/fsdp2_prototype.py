@@ -10,7 +10,7 @@ the exploration hook does not find FSDP's replacement parameters.
 
     python examples/fsdp2_prototype.py
 """
-import os, socket, datetime, warnings
+import socket, datetime, warnings
 import numpy as np
 import sparsecore as sc
 import torch, torch.distributed as dist, torch.multiprocessing as mp

@@ -36,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _net(dense_only=False):
+def _net():
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(D_IN, H), nn.Tanh(), nn.Linear(H, H), nn.Tanh(),
                          nn.Linear(H, D_OUT)).double()
