@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from . import __version__
+from . import distributed as scd
 from .checkpoint import CheckpointError, load, save
 from .data import DEFAULT_MAX_BYTES, CorpusError, load_corpus, train_batch, val_batches
 from .memory import dense_training_bytes, fmt_bytes, parse_bytes
@@ -355,8 +356,31 @@ def _same_value(key: str, value):
 
 # ------------------------------------------------------------------ train
 def cmd_train(ns: argparse.Namespace) -> int:
-    """``sparsecore train``: see the module docstring and docs/cli.md."""
+    """``sparsecore train``: see the module docstring and docs/cli.md.
+
+    Under ``torchrun`` (or inside an initialised process group) it trains data
+    parallel with DistributedDataParallel: ``--batch`` stays the global batch and
+    each rank takes its own ``batch / world_size`` sequences of it; rank 0 alone
+    evaluates, logs and writes the run's files (docs/distributed.md)."""
     c, stored = _resolve_train(ns)
+    try:
+        started = scd.init_from_env(c["device"] or "cpu")
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"cannot join the distributed run: {e}") from None
+    try:
+        return _cmd_train(c, stored)
+    finally:
+        if started and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _cmd_train(c: dict, stored: dict | None) -> int:
+    rank, world = scd.rank(), scd.world_size()
+    main_rank = rank == 0
+    if c["batch"] % world:
+        raise CLIError(f"--batch {c['batch']} is the global batch and must be divisible by "
+                       f"the number of ranks ({world}); each rank trains on batch / ranks "
+                       "sequences")
     if c["min_lr"] > c["lr"]:
         raise CLIError(f"--min-lr {c['min_lr']} exceeds --lr {c['lr']}")
     if c["device"] == "cuda":
@@ -373,10 +397,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
                        "another --name")
     if stored is not None and not os.path.exists(ckpt):
         raise CLIError(f"{ckpt}: not found; the run has no checkpoint to resume from")
-    if c["threads"]:
+    if c["threads"] or world > 1:
+        # several ranks on one machine: numba follows torch's thread count (torchrun
+        # sets OMP_NUM_THREADS=1) unless --threads says otherwise
         import numba
-        torch.set_num_threads(c["threads"])
-        numba.set_num_threads(min(c["threads"], numba.config.NUMBA_NUM_THREADS))
+        threads = c["threads"] or torch.get_num_threads()
+        torch.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    if world > 1:
+        scd.barrier()   # every rank checked the run folder before rank 0 writes to it
 
     t_start = time.perf_counter()
     try:
@@ -393,7 +422,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     opt = _make_optimizer(c["optimizer"], model.parameters(), c["lr"], c["weight_decay"])
     sparse = not c["dense"]
     if sparse:
-        model.attach(opt)
+        model.attach(opt)   # distributed: checks every rank built the same sparse model
     frozen = {k: c[k] for k in FROZEN}
     metrics_path = os.path.join(run_dir, METRICS)
     step = 0
@@ -406,8 +435,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
             raise CLIError(f"{ckpt}: the checkpoint was written by a run with other settings "
                            f"than {os.path.join(run_dir, CONFIG)}")
         step = int(extra["step"])
-        _truncate_metrics(metrics_path, step)
-    else:
+        if main_rank:
+            _truncate_metrics(metrics_path, step)
+        if sparse:
+            scd.check_topology(model, when="after loading the checkpoint",
+                               extra={"step": step})
+    elif main_rank:
         os.makedirs(run_dir, exist_ok=True)
         _write_json(os.path.join(run_dir, CONFIG), {
             "sparsecore": __version__, "model": cfg.to_dict(),
@@ -415,6 +448,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
             "corpus": {"source": corpus.source, "digest": corpus.digest,
                        "bytes": corpus.n_bytes, "files": corpus.files}})
         open(metrics_path, "w").close()
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model)
+    if not main_rank:
+        _train_loop(net, model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen, device)
+        return 0
 
     print(f"sparsecore {__version__}: {'dense' if c['dense'] else 'Top-KAST'} byte-level "
           f"transformer d_model={cfg.d_model} layers={cfg.layers} heads={cfg.heads} "
@@ -423,12 +463,16 @@ def cmd_train(ns: argparse.Namespace) -> int:
                                       f"backward {c['backward_sparsity']}"))
     print(f"data: {corpus.describe()}")
     print(f"run: {run_dir} ({'resumed at step ' + str(step) if stored else 'new'}), "
-          f"{c['steps']} steps of {c['batch'] * c['grad_accum']} x {cfg.context} bytes")
-    result = _train_loop(model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen, device)
+          f"{c['steps']} steps of {c['batch'] * c['grad_accum']} x {cfg.context} bytes"
+          + (f" on {world} ranks ({c['batch'] // world} sequences per rank and micro-batch)"
+             if world > 1 else ""))
+    result = _train_loop(net, model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen,
+                         device)
     result["peak_rss"] = peak_rss_bytes()  # before plotting loads matplotlib
     _plot_run(run_dir, title=f"{c['name']}: " + ("dense" if c["dense"] else
               f"Top-KAST {c['forward_sparsity']}/{c['backward_sparsity']}"))
     summary = _summary(model, opt, c, cfg, result, rss_before, time.perf_counter() - t_start)
+    summary["world_size"] = world
     _write_json(os.path.join(run_dir, SUMMARY), summary)
     _print_summary(summary, run_dir)
     return 0
@@ -444,21 +488,29 @@ def _truncate_metrics(path: str, step: int) -> None:
         fh.writelines(keep)
 
 
-def _train_loop(model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen, device) -> dict:
+def _train_loop(net, model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen,
+                device) -> dict:
+    """Train ``net`` (``model`` itself, or DistributedDataParallel around it) from
+    ``step``. On ranks other than 0 nothing is evaluated, logged or saved."""
     from tqdm import tqdm
 
+    rank, world = scd.rank(), scd.world_size()
+    main_rank = rank == 0
     sparse = not c["dense"]
     stop = min(c["steps"], c["stop_at"] or c["steps"])
     tokens_per_step = c["batch"] * c["grad_accum"] * cfg.context
     train_data = corpus.train
     val_history = []
-    log = open(metrics_path, "a")
+    log = open(metrics_path, "a") if main_rank else None
 
     def record(**kw):
-        log.write(json.dumps(kw) + "\n")
-        log.flush()
+        if log is not None:
+            log.write(json.dumps(kw) + "\n")
+            log.flush()
 
     def validate():
+        if not main_rank:
+            return None
         t = time.perf_counter()
         bpb = evaluate(model, corpus.val.to(device), c)
         val_history.append((step, bpb))
@@ -466,14 +518,16 @@ def _train_loop(model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen, de
         return bpb
 
     def checkpoint():
+        if not main_rank:
+            return
         save(model, ckpt, optimizer=opt, extra={"step": step, "settings": frozen,
                                                 "val_bpb": val_history[-1][1]
                                                 if val_history else None})
 
     if step == 0:
         validate()
-    bar = tqdm(total=c["steps"], initial=step, unit="step", disable=None, dynamic_ncols=True,
-               file=sys.stderr)
+    bar = tqdm(total=c["steps"], initial=step, unit="step",
+               disable=None if main_rank else True, dynamic_ncols=True, file=sys.stderr)
     if val_history:
         bar.write(f"step {step}: validation {val_history[-1][1]:.3f} bits/byte")
     t_loop, step0, tok_s, loss_v = time.perf_counter(), step, 0.0, float("nan")
@@ -488,12 +542,21 @@ def _train_loop(model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen, de
             loss_sum = 0.0
             for micro in range(c["grad_accum"]):
                 x, y = train_batch(train_data, batch=c["batch"], context=cfg.context,
-                                   seed=c["seed"], step=step, micro=micro)
+                                   seed=c["seed"], step=step, micro=micro, rank=rank,
+                                   world_size=world)
                 x, y = x.to(device), y.to(device)
-                logits = model(x)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-                (loss / c["grad_accum"]).backward()
-                loss_sum += loss.item()
+                # DDP averages the ranks' gradients: with equal shards that is the
+                # gradient of the global batch's mean loss
+                if world > 1 and micro < c["grad_accum"] - 1:
+                    with net.no_sync():     # all-reduce once, after the last micro-batch
+                        loss = _micro_step(net, x, y, c["grad_accum"])
+                else:
+                    loss = _micro_step(net, x, y, c["grad_accum"])
+                loss_sum += loss
+            if world > 1:   # log the global batch's loss (one scalar all-reduce)
+                t_loss = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(t_loss)
+                loss_sum = float(t_loss) / world
             loss_v = loss_sum / c["grad_accum"]
             if not math.isfinite(loss_v):
                 raise CLIError(f"training diverged: loss is {loss_v} at step {step} "
@@ -519,7 +582,7 @@ def _train_loop(model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen, de
                                 f"{tok_s / 1000:.1f}k tok/s refresh {refreshes} "
                                 f"RSS {fmt_bytes(rss)}", refresh=False)
             bar.update(1)
-            if step % c["eval_every"] == 0 or step == c["steps"]:
+            if main_rank and (step % c["eval_every"] == 0 or step == c["steps"]):
                 bpb = validate()
                 bar.write(f"step {step}: validation {bpb:.3f} bits/byte, train loss "
                           f"{loss_v / LN2:.3f} bits/byte, {tok_s:,.0f} tokens/s")
@@ -531,14 +594,23 @@ def _train_loop(model, opt, corpus, c, cfg, step, metrics_path, ckpt, frozen, de
                        f"sparsecore train --name {c['name']} --runs-dir {c['runs_dir']} "
                        "--resume") from None
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     bar.close()
-    if step == step0 and step >= c["steps"]:
+    if main_rank and step == step0 and step >= c["steps"]:
         print(f"the run is already complete at step {step}; raise --steps to continue it")
     return {"step": step, "stopped_early": step < c["steps"],
             "seconds": time.perf_counter() - t_loop, "steps_this_run": step - step0,
             "rss_after_first_step": rss_first, "tokens_per_s": tokens_per_step * (step - step0)
             / max(1e-9, time.perf_counter() - t_loop), "last_loss": loss_v}
+
+
+def _micro_step(net, x, y, grad_accum: int) -> float:
+    """Forward and backward of one micro-batch; returns its mean loss."""
+    logits = net(x)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    (loss / grad_accum).backward()
+    return loss.item()
 
 
 def _summary(model, opt, c, cfg, result, rss_before, seconds) -> dict:

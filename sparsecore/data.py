@@ -130,14 +130,26 @@ def load_corpus(path: str | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES,
 
 
 def train_batch(data: torch.Tensor, *, batch: int, context: int, seed: int, step: int,
-                micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets (int64, shape (batch, context)) for optimizer step ``step``
-    and micro-batch ``micro``: random windows whose offsets are a pure function of
-    (seed, step, micro), so a resumed run sees exactly the data of an uninterrupted
-    one."""
+                micro: int = 0, rank: int = 0,
+                world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (int64, shape (batch / world_size, context)) for optimizer
+    step ``step`` and micro-batch ``micro``: random windows whose offsets are a pure
+    function of (seed, step, micro), so a resumed run sees exactly the data of an
+    uninterrupted one.
+
+    ``batch`` is the global batch. Under data parallelism every rank draws the same
+    ``batch`` offsets and keeps its own contiguous block of ``batch / world_size``
+    of them (rank r: rows r*b .. (r+1)*b - 1), so the ranks together see exactly the
+    batch one process would, whatever the number of ranks."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if batch % world_size:
+        raise ValueError(f"the global batch {batch} is not divisible by the world size "
+                         f"{world_size}")
     rng = np.random.default_rng([seed, step, micro])
     starts = torch.from_numpy(rng.integers(0, data.numel() - context, size=batch))
-    return _windows(data, starts, context)
+    per = batch // world_size
+    return _windows(data, starts[rank * per:(rank + 1) * per], context)
 
 
 def val_batches(data: torch.Tensor, *, batch: int, context: int, max_tokens: int):

@@ -19,6 +19,7 @@ from torch import nn
 from .adapters import TopKASTConv1d, TopKASTMultiheadAttention
 from .memory import MemoryReport
 from .layers import DEFAULT_RESERVE, TopKASTConv2d, TopKASTLinear, _check_sparsities
+from .distributed import check_topology
 from .topkast import RefreshError
 
 _LAYER_KEYS = ("forward_sparsity", "backward_sparsity", "exploration", "reserve")
@@ -217,6 +218,11 @@ class SparseModel(nn.Module):
         init_fn: ``callable(module)`` that initialises, in place, the tensors a
             module directly owns (tried first for every module with meta tensors).
         verbose: print :meth:`summary` (compact) after construction.
+        check_distributed: when torch.distributed is initialised with several ranks,
+            verify at :meth:`attach` and after every refresh that all ranks hold the
+            same sparse configuration and sets (a collective; see
+            :func:`sparsecore.distributed.check_topology` and docs/distributed.md).
+            Turn it off only if the ranks train independent models.
 
     The original dense weights of replaced layers are not used (a warning lists them
     when they were real tensors): initial values come from the layer key. Biases are
@@ -231,7 +237,8 @@ class SparseModel(nn.Module):
                  reserve: float = DEFAULT_RESERVE, include: Iterable[str] | None = None,
                  exclude: Iterable[str] = (), untie: Iterable[str] = (),
                  overrides: Mapping[str, Mapping] | None = None,
-                 init_fn: Callable[[nn.Module], None] | None = None, verbose: bool = True):
+                 init_fn: Callable[[nn.Module], None] | None = None, verbose: bool = True,
+                 check_distributed: bool = True):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -246,6 +253,7 @@ class SparseModel(nn.Module):
             raise TypeError(f"init_fn must be a callable(module), got {type(init_fn).__name__}")
         self.refresh_every = refresh_every
         self.seed = int(seed)
+        self.check_distributed = bool(check_distributed)
         defaults = dict(forward_sparsity=forward_sparsity, backward_sparsity=backward_sparsity,
                         exploration=exploration, reserve=reserve)
         if _linear_like("", module) is not None:
@@ -594,6 +602,14 @@ class SparseModel(nn.Module):
         self._steps[oid] = self._pending_steps if not self._opt_order else 0
         self._pending_steps = 0
         self._opt_order.append(oid)
+        if self.check_distributed:
+            try:
+                check_topology(self, when="attach", extra={
+                    "refresh_every": self.refresh_every, "seed": self.seed,
+                    "step_count": self._steps[oid], "attached optimizers": len(self._opt_order)})
+            except BaseException:
+                self.detach_optimizer(optimizer)
+                raise
         return self
 
     def detach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -623,7 +639,12 @@ class SparseModel(nn.Module):
             if not torch.isfinite(l.values).all():
                 raise RefreshError(f"{n}: theta_B holds NaN or Inf; refusing to refresh "
                                    "(nothing was changed)")
-        return {n: l.refresh(opts, name=n) for n, l in layers.items()}
+        out = {n: l.refresh(opts, name=n) for n, l in layers.items()}
+        if self.check_distributed:
+            step = self._steps.get(id(only)) if only is not None else self.step_count
+            check_topology(self, names=list(layers), when=f"after the refresh at step {step}",
+                           extra={"step_count": step})
+        return out
 
     # ---------------------------------------------------------------- reporting
     def stats(self) -> dict:
