@@ -3,7 +3,7 @@
 with a DDP communication hook (sparsecore.distributed.count_allreduce_bytes) on
 two gloo ranks over loopback.
 
-    python examples/ddp_comm_bytes.py [--d-model 128 --layers 4]
+    python benchmarks/ddp_comm_bytes.py [--d-model 128 --layers 4]
 """
 import argparse
 import datetime

@@ -1,8 +1,8 @@
 """Try FSDP2 (fully_shard) on a SparseModel with gloo on CPU and report what
 happens at each stage (docs/distributed.md, "FSDP2").
 
-    python examples/fsdp2_probe.py            # sparsecore as it is
-    DLPACK=1 python examples/fsdp2_probe.py   # with the proposed as_numpy fix
+    python benchmarks/fsdp2_probe.py            # sparsecore as it is
+    DLPACK=1 python benchmarks/fsdp2_probe.py   # with the proposed as_numpy fix
     TB=1 ...                                  # print tracebacks
 """
 import os, socket, traceback, datetime, warnings

@@ -8,7 +8,7 @@ storage non-resizable, which breaks FSDP's resharding; ``np.from_dlpack`` does
 not), and the refresh, done here by hand on gathered tensors. Exploration is 0:
 the exploration hook does not find FSDP's replacement parameters.
 
-    python examples/fsdp2_prototype.py
+    python benchmarks/fsdp2_prototype.py
 """
 import socket, datetime, warnings
 import numpy as np
