@@ -383,10 +383,7 @@ def _cmd_train(c: dict, stored: dict | None) -> int:
                        "sequences")
     if c["min_lr"] > c["lr"]:
         raise CLIError(f"--min-lr {c['min_lr']} exceeds --lr {c['lr']}")
-    if c["device"] == "cuda":
-        if not c["dense"]:
-            raise CLIError("--device cuda: sparsecore has no CUDA kernels yet; train the "
-                           "sparse model with --device cpu (or a --dense model on cuda)")
+    if c["device"] == "cuda":   # sparse layers then run on the Triton kernels (docs/gpu.md)
         if not torch.cuda.is_available():
             raise CLIError("--device cuda: no CUDA device is available (torch.cuda."
                            "is_available() is False); use --device cpu")
