@@ -145,10 +145,12 @@ def format_plan(p: dict, *, cfg: GPTConfig, forward_sparsity: float, backward_sp
             verdict.append(f"GPU {'fits' if l['total'] <= gpu_memory else 'does NOT fit'} "
                            f"({fmt_bytes(gpu_memory)})")
         lines.append(f"{name + ':':<24}" + "; ".join(verdict))
-    lines.append("note: the reserve is at its nominal size (ceil(reserve * K_B) per layer); it "
-                 "keeps every coordinate that ever left B, so it grows with churn during "
-                 "training (docs/design.md).")
+    lines.append("note: the reserve is at its nominal size (ceil(reserve * K_B) per layer); "
+                 "untrained entries are trimmed back to it, but coordinates trained and then "
+                 "dropped from B are kept, so it grows with churn during training "
+                 "(docs/design.md).")
     if gpu_memory is not None:
-        lines.append("note: sparsecore has no CUDA kernels yet; its training runs on the CPU.")
+        lines.append("note: on a GPU the sparse layers run on the Triton kernels, which have not "
+                     "been timed on a GPU yet (docs/gpu.md); refreshes run on the host.")
     lines.append(f"machine: {os.cpu_count()} CPU cores; nothing was allocated to make this plan.")
     return "\n".join(lines)
