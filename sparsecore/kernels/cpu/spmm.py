@@ -9,7 +9,7 @@ Performance layout (measured on the 2-core benchmark machine, see docs/benchmark
 * **Packed panels.** X is first packed, in parallel, into panels of ``P`` samples:
   ``xp[p, c, :] = X[p*P : p*P+P, c]`` (zero padded), so each stored value of W
   multiplies one contiguous P-vector. ``P`` is the widest of 64/32/16/8 whose panel
-  (in x P values) fits in ~1 MiB of L2, so a panel stays cache-resident while every
+  (in x P values) fits in ~2 MiB (L2), so a panel stays cache-resident while every
   row of W gathers from it. Packing is one read of X; it replaces the two
   single-threaded transposes the layer used to make around each product.
 * **Register accumulators.** For one output row and one panel the P partial sums
@@ -34,7 +34,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _PANELS = (64, 32, 16, 8)
-_PANEL_BYTES = 1 << 20        # a packed panel (features x P values) must fit this (L2)
+_PANEL_BYTES = 2 << 20        # a packed panel (features x P values) must fit this (~L2)
 
 
 @intrinsic
