@@ -59,8 +59,9 @@ def _linear_backward(dy: Tensor, x2d: Tensor, values: Tensor, a_indptr: Tensor, 
         dx = dy.new_empty(0)
     if need_dvalues:
         dvalues = torch.empty_like(values)
-        kernels.sddmm(a_indptr, a_cols, dy, x2d, out=dvalues[:k], layout="row", check=False)
-        kernels.sddmm(x_indptr, x_cols, dy, x2d, out=dvalues[k:], layout="row", check=False)
+        # A and B minus A in one call: dy and x are packed for the kernel once
+        kernels.sddmm(a_indptr, a_cols, dy, x2d, out=dvalues[:k], layout="row",
+                      more=((x_indptr, x_cols, dvalues[k:]),), check=False)
     else:
         dvalues = values.new_empty(0)
     return dx, dvalues

@@ -221,15 +221,19 @@ def spmm_t(t_indptr: torch.Tensor, t_rows: torch.Tensor, t_perm: torch.Tensor,
 def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: torch.Tensor,
           *, theta: torch.Tensor | None = None, reg: float = 0.0,
           out: torch.Tensor | None = None, layout: str = "feature",
-          check: bool = True) -> torch.Tensor:
+          more=(), check: bool = True) -> torch.Tensor:
     """For each stored (row, col): sum_n g[n, row] * x[n, col], plus reg * theta.
     ``layout="feature"``: ``gt`` (rows, n), ``xt`` (cols, n); ``layout="row"``:
     g (n, rows), x (n, cols) as torch hands them. Writes into ``out`` (length nnz)
-    when given."""
+    when given. ``more``: further (indptr, indices, out) structures over the same
+    activations (no regulariser), served by the same call so the activations are
+    packed once (the layer passes B minus A here)."""
     row = _layout(layout)
     if _on_triton(gt):
         if row:
             gt, xt = gt.t().contiguous(), xt.t().contiguous()
+        for ip, ix, o in more:
+            _triton().sddmm(ip, ix, gt, xt, out=o, check=check)
         return _triton().sddmm(indptr, indices, gt, xt, theta=theta, reg=reg, out=out,
                                check=check)
     if check:
@@ -250,11 +254,20 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: tor
             raise ValueError(f"out must be a contiguous 1-D CPU tensor of {indices.numel()} "
                              f"{gt.dtype} values; got shape {tuple(out.shape)}, {out.dtype}, "
                              f"contiguous={out.is_contiguous()}, device {out.device}")
+    for ip, ix, o in more:
+        if (o.dim() != 1 or o.numel() != ix.numel() or o.dtype != gt.dtype
+                or not o.is_contiguous() or o.device.type != "cpu" or ip.dtype != torch.int64
+                or ix.dtype != torch.int32):
+            raise ValueError("each of more must be (int64 indptr, int32 indices, contiguous "
+                             "1-D CPU out of one value per index)")
     o = None if out is None else _np(out, "out")
     th = None if theta is None else _np(theta, "theta")
     g, x = _act(gt, "gt", row), _act(xt, "xt", row)
-    with _threads_for(2 * indices.numel() * g.shape[0]):
-        r = _sddmm.sddmm(_np(indptr, "indptr"), _np(indices, "indices"), g, x, th, reg, o)
+    extra = [(_np(ip, "indptr"), _np(ix, "indices"), _np(oo, "out")) for ip, ix, oo in more]
+    nnz = indices.numel() + sum(ix.numel() for _, ix, _ in more)
+    with _threads_for(2 * nnz * g.shape[0]):
+        r = _sddmm.sddmm(_np(indptr, "indptr"), _np(indices, "indices"), g, x, th, reg, o,
+                         extra)
     return out if out is not None else torch.from_numpy(r)
 
 

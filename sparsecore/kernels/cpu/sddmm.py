@@ -15,7 +15,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .spmm import pack_panels
+from .spmm import transpose_into
 
 
 _L2_TILE_BYTES = 384 * 1024   # target size of the xt tile kept in L2 per thread
@@ -115,31 +115,38 @@ def feature_major(a: np.ndarray) -> np.ndarray:
     t = a.T
     if t.flags.c_contiguous:
         return t
-    out = np.empty((1, a.shape[1], a.shape[0]), a.dtype)
-    pack_panels(a, out)
-    return out[0]
+    out = np.empty((a.shape[1], a.shape[0]), a.dtype)
+    transpose_into(a, out)
+    return out
 
 
 def sddmm(indptr: np.ndarray, indices: np.ndarray, g: np.ndarray, x: np.ndarray,
           theta: np.ndarray | None = None, reg: float = 0.0,
-          out: np.ndarray | None = None) -> np.ndarray:
+          out: np.ndarray | None = None, more=()) -> np.ndarray:
     """Vector of length nnz: sum_n g[n, row_k] * x[n, col_k] + reg * theta[k], for
-    g (n, rows) and x (n, cols) with any strides."""
+    g (n, rows) and x (n, cols) with any strides. ``more``: further (indptr, indices,
+    out) structures over the same activations (no regulariser), computed from the
+    same packed operands (the layer's B minus A)."""
     nnz = indices.shape[0]
     if out is None:
         out = np.empty(nnz, dtype=g.dtype)
     if theta is None:
         theta, reg = _EMPTY[np.dtype(g.dtype)], 0.0
-    nrows = indptr.shape[0] - 1
-    if nrows == 0 or nnz == 0:
-        return out
     n = g.shape[0]
+    jobs = [(indptr, indices, theta, float(reg), out)]
+    jobs += [(ip, ix, _EMPTY[np.dtype(g.dtype)], 0.0, o) for ip, ix, o in more]
+    jobs = [j for j in jobs if j[0].shape[0] > 1 and j[1].shape[0] > 0]
+    if not jobs:
+        return out
     if n == 0:
-        out[:] = reg * theta if reg != 0.0 else 0.0
+        for _, _, th, rg, o in jobs:
+            o[:] = rg * th if rg != 0.0 else 0.0
         return out
     gt = feature_major(g)
     xt = feature_major(x)
     tile = max(64, _L2_TILE_BYTES // max(1, n * g.itemsize))
-    rb = max(16, -(-nrows // (4 * nb.get_num_threads())))
-    _sddmm_kernel(indptr, indices, gt, xt, theta, float(reg), g.dtype.type(0), out, tile, rb)
+    for ip, ix, th, rg, o in jobs:
+        nrows = ip.shape[0] - 1
+        rb = max(16, -(-nrows // (4 * nb.get_num_threads())))
+        _sddmm_kernel(ip, ix, gt, xt, th, rg, g.dtype.type(0), o, tile, rb)
     return out

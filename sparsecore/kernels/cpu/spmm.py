@@ -16,9 +16,11 @@ Performance layout (measured on the 2-core benchmark machine, see docs/benchmark
   live in a stack buffer that LLVM keeps in vector registers; two stored values are
   taken per pass into two accumulator sets, so twice as many independent FMA
   chains are in flight (the two sets are added at the end of the row).
-* **Direct output.** Each row's P sums are stored straight into ``Y[j, r]``
-  (row-major (n, out)), with the bias folded into the accumulators' start value,
-  so there is no output transpose and no separate bias pass.
+* **Direct output.** The P sums of 16 consecutive rows are buffered on the stack and
+  stored into ``Y[j, r0:r0+16]`` (row-major (n, out)) as contiguous runs, with the
+  bias folded into the accumulators' start value: no output transpose, no separate
+  bias pass, and no per-value strided stores (rows of Y are a multiple of 4 KiB
+  apart, so those would all land in one L1 set).
 * **Tasks.** (panel, row chunk) pairs, panel-major so each thread keeps one panel
   hot; enough row chunks that 2 threads get >= 8 tasks.
 
@@ -34,6 +36,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _PANELS = (64, 32, 16, 8)
+_RB = 16                      # output rows buffered before their transposed store
 _PANEL_BYTES = 2 << 20        # a packed panel (features x P values) must fit this (~L2)
 
 
@@ -60,7 +63,7 @@ def pack_panels(x, out):
     ``x`` may have any strides (row-major, or a transposed view of feature-major)."""
     n, F = x.shape
     npan, _, P = out.shape
-    FB = 256
+    FB = 4096 // P               # the written block (FB x P values) stays in L1
     nfb = (F + FB - 1) // FB
     for t in nb.prange(npan * nfb):
         p = t // nfb
@@ -78,9 +81,41 @@ def pack_panels(x, out):
                 o[f, j] = 0.0
 
 
+@nb.njit(parallel=True, cache=True, boundscheck=False)
+def transpose_into(x, out):
+    """out (F, n) = x (n, F)^T. Blocks of 64 samples x 256 features (one task each)
+    are moved in 16 x 16 tiles through a stack buffer, so both sides are read and
+    written in contiguous runs of >= 64 bytes (a plain strided loop thrashes L1 sets
+    when rows are a multiple of 4 KiB apart, and a column-strip order defeats the
+    hardware prefetchers)."""
+    n, F = x.shape
+    JB = 64
+    FB = 256
+    nj = (n + JB - 1) // JB
+    nf = (F + FB - 1) // FB
+    for t in nb.prange(nj * nf):
+        jb0 = (t // nf) * JB
+        fb0 = (t % nf) * FB
+        buf = nb.carray(_stack_buffer(256, x.dtype), (16, 16))
+        for j0 in range(jb0, min(jb0 + JB, n), 16):
+            jm = min(16, n - j0)
+            for f0 in range(fb0, min(fb0 + FB, F), 16):
+                fm = min(16, F - f0)
+                for jj in range(jm):
+                    xr = x[j0 + jj, f0:f0 + fm]
+                    for ff in range(fm):
+                        buf[ff, jj] = xr[ff]
+                for ff in range(fm):
+                    orow = out[f0 + ff, j0:j0 + jm]
+                    b = buf[ff]
+                    for jj in range(jm):
+                        orow[jj] = b[jj]
+
+
 def _make_panel_kernel(P):
     """Kernel for packed panels of exactly P samples (P is a compile-time constant,
     so the 2 x P partial sums of a row are kept in registers)."""
+    PRB = P * _RB
 
     @nb.njit(parallel=True, cache=True, fastmath={"contract"}, boundscheck=False)
     def kernel(indptr, indices, data, xp, bias, y, nchunks):
@@ -97,37 +132,44 @@ def _make_panel_kernel(P):
             m = min(P, n - j0)
             a0 = nb.carray(_stack_buffer(P, y.dtype), P)
             a1 = nb.carray(_stack_buffer(P, y.dtype), P)
+            ob = nb.carray(_stack_buffer(PRB, y.dtype), (_RB, P))
             xpp = xp[p]
-            for r in range(r0, r1):
-                for j in range(P):
-                    a0[j] = 0.0
-                    a1[j] = 0.0
-                if use_bias:
-                    b = bias[r]
+            for rb0 in range(r0, r1, _RB):
+                rbn = min(_RB, r1 - rb0)
+                for i in range(rbn):
+                    r = rb0 + i
                     for j in range(P):
-                        a0[j] = b
-                k = indptr[r]
-                e = indptr[r + 1]
-                while k + 2 <= e:
-                    w0 = data[k]
-                    w1 = data[k + 1]
-                    x0 = xpp[indices[k]]
-                    x1 = xpp[indices[k + 1]]
+                        a0[j] = 0.0
+                        a1[j] = 0.0
+                    if use_bias:
+                        b = bias[r]
+                        for j in range(P):
+                            a0[j] = b
+                    k = indptr[r]
+                    e = indptr[r + 1]
+                    while k + 2 <= e:
+                        w0 = data[k]
+                        w1 = data[k + 1]
+                        x0 = xpp[indices[k]]
+                        x1 = xpp[indices[k + 1]]
+                        for j in range(P):
+                            a0[j] += w0 * x0[j]
+                            a1[j] += w1 * x1[j]
+                        k += 2
+                    if k < e:
+                        w0 = data[k]
+                        x0 = xpp[indices[k]]
+                        for j in range(P):
+                            a0[j] += w0 * x0[j]
+                    o = ob[i]
                     for j in range(P):
-                        a0[j] += w0 * x0[j]
-                        a1[j] += w1 * x1[j]
-                    k += 2
-                if k < e:
-                    w0 = data[k]
-                    x0 = xpp[indices[k]]
-                    for j in range(P):
-                        a0[j] += w0 * x0[j]
-                if m == P:
-                    for j in range(P):
-                        y[j0 + j, r] = a0[j] + a1[j]
-                else:
-                    for j in range(m):
-                        y[j0 + j, r] = a0[j] + a1[j]
+                        o[j] = a0[j] + a1[j]
+                # write the block transposed: one contiguous run of y per sample (rows
+                # of y are far apart, so per-value strided stores would thrash L1 sets)
+                for j in range(m):
+                    yr = y[j0 + j, rb0:rb0 + rbn]
+                    for i in range(rbn):
+                        yr[i] = ob[i, j]
 
     return kernel
 
