@@ -14,8 +14,10 @@ load from other users of the machine hits all of them alike:
 Reported (medians over rounds):
 * speedup = dense step time / sparse step time (also masked / sparse),
 * the sparse step broken into forward / backward / optimizer step, and the
-  kernels inside them (spmm, spmm_t, sddmm on A and on B minus A; the remainder
-  of forward/backward is transposes, bias and autograd overhead),
+  kernels inside them (spmm with the bias fused, spmm_t, and one sddmm call that
+  serves A and B minus A, including the activation packing each kernel does; the
+  remainder of forward/backward, "other", is autograd, the bias gradient and
+  allocation: the layer makes no layout copies of its own),
 * ``layer.refresh(opt)`` time and its share of training time amortised over
   ``refresh_every`` = 100 steps: refresh / (100 * sparse step), plus a cProfile
   breakdown of one refresh.
