@@ -9,21 +9,29 @@ from __future__ import annotations
 import os as _os
 import sys as _sys
 
-# Numba's and torch's OpenMP runtimes keep separate thread pools whose idle threads
-# busy-wait; on a small machine each pool then starves the other (measured: a small
-# MLP step 45x slower). Passive waiting removes that. It applies to every OpenMP
-# runtime loaded after this line: always Numba's, and torch's too when sparsecore
-# is imported before torch. Set OMP_WAIT_POLICY yourself to override.
+# When torch is imported first, Numba's OpenMP layer binds to torch's libgomp (one
+# runtime, one thread pool: checked with LD_DEBUG=bindings), so there is no second pool
+# to tune: what matters is that runtime's wait policy, which libgomp reads once, when it
+# is loaded. Its default (active spinning after every parallel region) makes idle
+# workers burn the cores the next region and the main thread need; on a busy 2-core
+# machine that measured 2.4-3.3x slower for a 4096^2 layer step and 11-50x for a small
+# MLP step (benchmarks/step_time.py --import-order). Tried and not enough: Numba's
+# workqueue layer (the MLP still 20x slower: torch's own workers spin), running Numba
+# single-threaded (19x), running every small product on the calling thread (37x).
+# There is no API to change the policy after load, so the difference remains when
+# torch came first and we keep the warning.
+# Passive waiting applies to every OpenMP runtime loaded after this line.
 if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     if "torch" in _sys.modules:
         import warnings as _warnings
         _warnings.warn(
-            "sparsecore was imported after torch, so torch's OpenMP threads busy-wait and "
-            "compete with sparsecore's kernels (training steps measured up to 3x slower). "
-            "Import sparsecore before torch, or set OMP_WAIT_POLICY=PASSIVE in the "
-            "environment before starting Python (setting it to any value silences this).",
-            RuntimeWarning, stacklevel=2)
+            "sparsecore was imported after torch, so the OpenMP runtime torch loaded (which "
+            "sparsecore's kernels share) busy-waits between parallel regions; measured on a "
+            "loaded 2-core machine: a layer step 2.4-3.3x and a small MLP step 11-50x slower "
+            "than with passive waiting. Import sparsecore before torch, or set OMP_WAIT_POLICY=PASSIVE "
+            "in the environment before starting Python (setting it to any value silences "
+            "this).", RuntimeWarning, stacklevel=2)
 
 from ._version import __version__  # noqa: E402
 

@@ -33,15 +33,10 @@ from .state import SparseState
 def _linear(x2d: Tensor, values: Tensor, bias: Optional[Tensor], a_indptr: Tensor,
             a_cols: Tensor, x_indptr: Tensor, x_cols: Tensor, at_indptr: Tensor,
             at_rows: Tensor, at_perm: Tensor) -> Tensor:
-    """y (n, out) = x2d (n, in) W_A^T + bias; W_A = values[:K_A] on A's CSR."""
-    xt = x2d.t().contiguous()
-    yt = kernels.spmm(a_indptr, a_cols, values[: a_cols.numel()], xt, check=False)
-    y = torch.empty(yt.shape[1], yt.shape[0], dtype=yt.dtype, device=yt.device)
-    if bias is None:
-        y.copy_(yt.t())
-    else:  # the bias add is fused into the copy to (n, out)
-        torch.add(yt.t(), bias, out=y)
-    return y
+    """y (n, out) = x2d (n, in) W_A^T + bias; W_A = values[:K_A] on A's CSR.
+    Activations are read row-major as given and the bias is added inside the kernel."""
+    return kernels.spmm(a_indptr, a_cols, values[: a_cols.numel()], x2d, bias=bias,
+                        layout="row", check=False)
 
 
 @_linear.register_fake
@@ -54,18 +49,19 @@ def _linear_backward(dy: Tensor, x2d: Tensor, values: Tensor, a_indptr: Tensor, 
                      x_indptr: Tensor, x_cols: Tensor, at_indptr: Tensor, at_rows: Tensor,
                      at_perm: Tensor, need_dx: bool, need_dvalues: bool
                      ) -> tuple[Tensor, Tensor]:
-    """(dx (n, in), dvalues (K_B,)); an empty tensor for a gradient not needed."""
-    gt = dy.t().contiguous()
+    """(dx (n, in), dvalues (K_B,)); an empty tensor for a gradient not needed.
+    dy and x2d are read row-major as given (no transposed copies)."""
     k = a_cols.numel()
-    if need_dx:   # returned as a transposed view of the kernel's output (no copy)
-        dx = kernels.spmm_t(at_indptr, at_rows, at_perm, values[:k], gt, check=False).t()
+    if need_dx:   # contiguous (n, in), written by the kernel directly
+        dx = kernels.spmm_t(at_indptr, at_rows, at_perm, values[:k], dy, layout="row",
+                            check=False)
     else:
         dx = dy.new_empty(0)
     if need_dvalues:
-        xt = x2d.t().contiguous()
         dvalues = torch.empty_like(values)
-        kernels.sddmm(a_indptr, a_cols, gt, xt, out=dvalues[:k], check=False)
-        kernels.sddmm(x_indptr, x_cols, gt, xt, out=dvalues[k:], check=False)
+        # A and B minus A in one call: dy and x are packed for the kernel once
+        kernels.sddmm(a_indptr, a_cols, dy, x2d, out=dvalues[:k], layout="row",
+                      more=((x_indptr, x_cols, dvalues[k:]),), check=False)
     else:
         dvalues = values.new_empty(0)
     return dx, dvalues
@@ -74,8 +70,8 @@ def _linear_backward(dy: Tensor, x2d: Tensor, values: Tensor, a_indptr: Tensor, 
 @_linear_backward.register_fake
 def _(dy, x2d, values, a_indptr, a_cols, x_indptr, x_cols, at_indptr, at_rows, at_perm,
       need_dx, need_dvalues):
-    # the real dx is a transposed view of a feature-major (in, n) buffer: same strides
-    dx = dy.new_empty(at_indptr.shape[0] - 1, dy.shape[0]).t() if need_dx else dy.new_empty(0)
+    # the real dx is a contiguous (n, in) tensor
+    dx = dy.new_empty(dy.shape[0], at_indptr.shape[0] - 1) if need_dx else dy.new_empty(0)
     dv = values.new_empty(values.shape) if need_dvalues else values.new_empty(0)
     return dx, dv
 

@@ -140,6 +140,17 @@ def check_spmm(w: CSR, xt):
     wd = w.dense64()
     assert_within(y, wd @ xt.double(), wd.abs() @ xt.double().abs(), w.dtype,
                   w.max_row_nnz(), "spmm")
+    # row-major activations (what the layer uses): the same kernel, bit for bit
+    x = xt.t().contiguous()
+    y_row = kernels.spmm(w.indptr, w.indices, w.values, x, layout="row")
+    assert y_row.shape == (xt.shape[1], w.rows) and y_row.is_contiguous()
+    assert torch.equal(y_row, y.t())
+    # fused bias
+    bias = torch.linspace(-1.5, 2.0, w.rows, dtype=w.dtype)
+    yb = kernels.spmm(w.indptr, w.indices, w.values, x, bias=bias, layout="row")
+    assert_within(yb.t(), wd @ xt.double() + bias.double()[:, None],
+                  wd.abs() @ xt.double().abs() + bias.double().abs()[:, None], w.dtype,
+                  w.max_row_nnz() + 1, "spmm+bias")
     return y
 
 
@@ -161,6 +172,9 @@ def check_spmm_t(w: CSR, gt):
     wd = w.dense64()
     assert_within(dx, wd.t() @ gt.double(), wd.abs().t() @ gt.double().abs(), w.dtype,
                   w.max_col_nnz(), "spmm_t")
+    dx_row = kernels.spmm_t(*t, w.values, gt.t().contiguous(), layout="row")
+    assert dx_row.shape == (gt.shape[1], w.cols) and dx_row.is_contiguous()
+    assert torch.equal(dx_row, dx.t())
     return dx
 
 
@@ -175,6 +189,16 @@ def check_sddmm(w: CSR, gt, xt, theta=None, reg=0.0):
         bound = bound + abs(reg * theta.double())
     assert_within(d, exact, bound, gt.dtype, gt.shape[1] + 1, "sddmm")
     assert d.shape == (w.nnz,)
+    g_row, x_row = gt.t().contiguous(), xt.t().contiguous()
+    d_row = kernels.sddmm(w.indptr, w.indices, g_row, x_row, theta=theta, reg=reg, layout="row")
+    assert torch.equal(d_row, d)
+    # a second structure served by the same call (the layer's B minus A), no regulariser
+    o1, o2 = torch.empty_like(d), torch.empty_like(d)
+    kernels.sddmm(w.indptr, w.indices, g_row, x_row, theta=theta, reg=reg, out=o1,
+                  layout="row", more=((w.indptr, w.indices, o2),))
+    assert torch.equal(o1, d)
+    if theta is None or reg == 0.0:
+        assert torch.equal(o2, d)
     return d
 
 

@@ -1,8 +1,9 @@
 """Sparse kernels and the single dispatch point that picks a backend by device.
 
-Every function here takes torch tensors and returns torch tensors. Activations are
-*feature-major*: ``xt`` is (in_features, n) and ``gt`` is (out_features, n), so the
-inner loops run over n contiguously. Sparse matrices are CSR: ``indptr`` int64 of
+Every function here takes torch tensors and returns torch tensors. The products take
+activations in either layout: ``layout="row"`` is (n, features) as torch hands them
+(what the layer uses: no transposed copies), ``layout="feature"`` (the default, kept
+for callers written against it) is (features, n). Sparse matrices are CSR: ``indptr`` int64 of
 length rows+1, ``indices`` int32 column indices, ``values`` float32/float64.
 
 With ``check=True`` (the default) inputs are validated and bad ones raise with a
@@ -116,23 +117,66 @@ def _np(t: torch.Tensor, name: str) -> np.ndarray:
     return as_numpy(t, name)
 
 
+def _layout(layout: str) -> bool:
+    """True for row-major activations (n, features), False for feature-major."""
+    if layout == "row":
+        return True
+    if layout == "feature":
+        return False
+    raise ValueError(f"layout must be 'row' or 'feature', got {layout!r}")
+
+
+def _act(t: torch.Tensor, name: str, row: bool) -> np.ndarray:
+    """The (n, features) numpy view of an activation given in either layout."""
+    a = _np(t, name)
+    return a if row else a.T
+
+
+def _out(n: int, features: int, dtype, row: bool):
+    """A fresh result tensor in the requested layout and its (n, features) numpy view."""
+    dtype = torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
+    if row:
+        t = torch.empty(n, features, dtype=dtype)
+        return t, t.numpy()
+    t = torch.empty(features, n, dtype=dtype)
+    return t, t.numpy().T
+
+
 def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-         xt: torch.Tensor, *, n_cols: int | None = None, check: bool = True) -> torch.Tensor:
-    """yt = W @ xt for W (rows, n_cols) in CSR and xt (n_cols, n); returns (rows, n)."""
+         xt: torch.Tensor, *, n_cols: int | None = None, bias: torch.Tensor | None = None,
+         layout: str = "feature", check: bool = True) -> torch.Tensor:
+    """W (rows, n_cols) in CSR times activations, plus an optional bias (rows,).
+
+    ``layout="feature"``: ``xt`` is (n_cols, n), returns W @ xt (+ bias[:, None]), (rows, n).
+    ``layout="row"``: ``xt`` is x (n, n_cols) as torch hands it, returns
+    x @ W^T (+ bias), (n, rows), with no transposed copy on the CPU backend."""
+    row = _layout(layout)
     if _on_triton(xt):
-        return _triton().spmm(indptr, indices, values, xt, n_cols=n_cols, check=check)
+        if row:
+            y = _triton().spmm(indptr, indices, values, xt.t().contiguous(), n_cols=n_cols,
+                               check=check).t()
+            return y if bias is None else y + bias
+        y = _triton().spmm(indptr, indices, values, xt, n_cols=n_cols, check=check)
+        return y if bias is None else y + bias[:, None]
     rows = indptr.numel() - 1
     if check:
         check_float(values, "values")
-        cols = xt.shape[0] if n_cols is None else n_cols
+        cols = (xt.shape[1 if row else 0] if xt.dim() == 2 else -1) if n_cols is None else n_cols
         check_csr(indptr, indices, rows, cols, "W")
-        check_dense(xt, "xt", values.dtype, rows=cols)
+        check_dense(xt, "x" if row else "xt", values.dtype, rows=None if row else cols)
+        if row and xt.shape[1] != cols:
+            raise ValueError(f"x has {xt.shape[1]} columns; expected {cols}")
         if values.numel() != indices.numel():
             raise ValueError(f"values has {values.numel()} entries; W stores {indices.numel()}")
-    with _threads_for(2 * indices.numel() * xt.shape[1]):
-        y = _spmm.spmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(values, "values"),
-                       _np(xt, "xt"))
-    return torch.from_numpy(y)
+        if bias is not None and (bias.dtype != values.dtype or bias.shape != (rows,)):
+            raise ValueError(f"bias must be ({rows},) {values.dtype}")
+    x = _act(xt, "xt", row)
+    y, yv = _out(x.shape[0], rows, x.dtype, row)
+    b = None if bias is None else _np(bias, "bias")
+    with _threads_for(2 * indices.numel() * x.shape[0]):
+        _spmm.spmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(values, "values"),
+                   x, b, yv)
+    return y
 
 
 def transpose_csr(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int, *,
@@ -146,39 +190,62 @@ def transpose_csr(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int, *,
 
 
 def spmm_t(t_indptr: torch.Tensor, t_rows: torch.Tensor, t_perm: torch.Tensor,
-           values: torch.Tensor, gt: torch.Tensor, *, check: bool = True) -> torch.Tensor:
-    """dxt = W^T @ gt for gt (rows_of_W, n); W^T from :func:`transpose_csr`."""
+           values: torch.Tensor, gt: torch.Tensor, *, layout: str = "feature",
+           check: bool = True) -> torch.Tensor:
+    """W^T times activations, W^T from :func:`transpose_csr`.
+
+    ``layout="feature"``: ``gt`` is (rows_of_W, n), returns W^T @ gt, (cols_of_W, n).
+    ``layout="row"``: ``gt`` is g (n, rows_of_W), returns g @ W, (n, cols_of_W)."""
+    row = _layout(layout)
     if _on_triton(gt):
+        if row:
+            return _triton().spmm_t(t_indptr, t_rows, t_perm, values, gt.t().contiguous(),
+                                    check=check).t()
         return _triton().spmm_t(t_indptr, t_rows, t_perm, values, gt, check=check)
     if check:
         check_float(values, "values")
-        check_csr(t_indptr, t_rows, t_indptr.numel() - 1, gt.shape[0] if gt.dim() else 0, "W^T")
-        check_dense(gt, "gt", values.dtype)
+        check_dense(gt, "g" if row else "gt", values.dtype)
+        check_csr(t_indptr, t_rows, t_indptr.numel() - 1, gt.shape[1 if row else 0], "W^T")
         if t_perm.dtype not in (torch.int32, torch.int64) or t_perm.numel() != t_rows.numel():
             raise ValueError("t_perm must be int32 or int64 with one entry per stored value")
         if t_perm.numel() and (int(t_perm.min()) < 0 or int(t_perm.max()) >= values.numel()):
             raise IndexError(f"t_perm points outside values (length {values.numel()})")
-    with _threads_for(2 * t_rows.numel() * gt.shape[1]):
-        d = _spmm_t.spmm_t(_np(t_indptr, "t_indptr"), _np(t_rows, "t_rows"),
-                           _np(t_perm, "t_perm"), _np(values, "values"), _np(gt, "gt"))
-    return torch.from_numpy(d)
+    g = _act(gt, "gt", row)
+    d, dv = _out(g.shape[0], t_indptr.numel() - 1, g.dtype, row)
+    with _threads_for(2 * t_rows.numel() * g.shape[0]):
+        _spmm_t.spmm_t(_np(t_indptr, "t_indptr"), _np(t_rows, "t_rows"),
+                       _np(t_perm, "t_perm"), _np(values, "values"), g, dv)
+    return d
 
 
 def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: torch.Tensor,
           *, theta: torch.Tensor | None = None, reg: float = 0.0,
-          out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
-    """For each stored (row, col): sum_n gt[row, n] * xt[col, n], plus reg * theta.
-    Writes into ``out`` (length nnz) when given."""
+          out: torch.Tensor | None = None, layout: str = "feature",
+          more=(), check: bool = True) -> torch.Tensor:
+    """For each stored (row, col): sum_n g[n, row] * x[n, col], plus reg * theta.
+    ``layout="feature"``: ``gt`` (rows, n), ``xt`` (cols, n); ``layout="row"``:
+    g (n, rows), x (n, cols) as torch hands them. Writes into ``out`` (length nnz)
+    when given. ``more``: further (indptr, indices, out) structures over the same
+    activations (no regulariser), served by the same call so the activations are
+    packed once (the layer passes B minus A here)."""
+    row = _layout(layout)
     if _on_triton(gt):
+        if row:
+            gt, xt = gt.t().contiguous(), xt.t().contiguous()
+        for ip, ix, o in more:
+            _triton().sddmm(ip, ix, gt, xt, out=o, check=check)
         return _triton().sddmm(indptr, indices, gt, xt, theta=theta, reg=reg, out=out,
                                check=check)
     if check:
+        f = 1 if row else 0
         check_float(gt, "gt")
-        check_csr(indptr, indices, indptr.numel() - 1, xt.shape[0] if xt.dim() else 0, "W")
-        check_dense(gt, "gt", gt.dtype, rows=indptr.numel() - 1)
+        check_dense(gt, "gt", gt.dtype)
         check_dense(xt, "xt", gt.dtype)
-        if gt.shape[1] != xt.shape[1]:
-            raise ValueError(f"gt has n={gt.shape[1]} columns but xt has n={xt.shape[1]}")
+        if gt.shape[f] != indptr.numel() - 1:
+            raise ValueError(f"gt has {gt.shape[f]} rows; expected {indptr.numel() - 1}")
+        check_csr(indptr, indices, indptr.numel() - 1, xt.shape[f], "W")
+        if gt.shape[1 - f] != xt.shape[1 - f]:
+            raise ValueError(f"gt has n={gt.shape[1 - f]} columns but xt has n={xt.shape[1 - f]}")
         if theta is not None and (theta.numel() != indices.numel() or theta.dtype != gt.dtype):
             raise ValueError(f"theta must have {indices.numel()} entries of {gt.dtype}")
     if out is not None:  # checked even with check=False: the kernel writes through it
@@ -187,11 +254,25 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: tor
             raise ValueError(f"out must be a contiguous 1-D CPU tensor of {indices.numel()} "
                              f"{gt.dtype} values; got shape {tuple(out.shape)}, {out.dtype}, "
                              f"contiguous={out.is_contiguous()}, device {out.device}")
+    for ip, ix, o in more:
+        if (o.dim() != 1 or o.numel() != ix.numel() or o.dtype != gt.dtype
+                or not o.is_contiguous() or o.device.type != "cpu" or ip.dtype != torch.int64
+                or ix.dtype != torch.int32):
+            raise ValueError("each of more must be (int64 indptr, int32 indices, contiguous "
+                             "1-D CPU out of one value per index)")
     o = None if out is None else _np(out, "out")
     th = None if theta is None else _np(theta, "theta")
-    with _threads_for(2 * indices.numel() * gt.shape[1]):
-        r = _sddmm.sddmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(gt, "gt"),
-                         _np(xt, "xt"), th, reg, o)
+    if row:
+        # The dot-product kernel reads both operands feature-major; one blocked,
+        # parallel torch copy each, shared by every structure of the call, measured
+        # faster than packing them in Numba (benchmarks/layer.py, docs/benchmarks.md).
+        gt, xt, row = gt.detach().t().contiguous(), xt.detach().t().contiguous(), False
+    g, x = _act(gt, "gt", row), _act(xt, "xt", row)
+    extra = [(_np(ip, "indptr"), _np(ix, "indices"), _np(oo, "out")) for ip, ix, oo in more]
+    nnz = indices.numel() + sum(ix.numel() for _, ix, _ in more)
+    with _threads_for(2 * nnz * g.shape[0]):
+        r = _sddmm.sddmm(_np(indptr, "indptr"), _np(indices, "indices"), g, x, th, reg, o,
+                         extra)
     return out if out is not None else torch.from_numpy(r)
 
 

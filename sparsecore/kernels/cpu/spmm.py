@@ -1,28 +1,31 @@
-"""Y^T = W X^T for a CSR matrix W and feature-major activations (CPU, Numba).
+"""Y = X W^T for a CSR matrix W and row-major activations X (n, in) (CPU, Numba).
 
-Activations are passed feature-major, ``xt`` of shape (in, n), so each stored
-value multiplies a contiguous row of ``xt``. One thread owns each output row (no
-atomics; the summation order does not depend on the thread count).
+Activations arrive as torch hands them, row-major (n, features); no transposed copy
+is made outside the kernel. One kernel serves the forward product and, on the
+cached transposed structure, the input gradient (:mod:`.spmm_t`).
 
-Performance layout (measured on a 2-core Zen 4, see docs/benchmarks.md):
+Performance layout (measured on the 2-core benchmark machine, see docs/benchmarks.md):
 
-* **Register panel.** n is cut into panels of ``P`` columns (128, then 64, 32, 16,
-  then a scalar tail). For one output row and one panel the P partial sums live in
-  a stack buffer that LLVM keeps in vector registers, so each stored value costs P
-  fused multiply-adds with one load each and no load/store of the output.
-* **Column tiles.** Within a panel, W's columns are walked in tiles of ``T`` so
-  that the touched ``xt[tile, panel]`` block (T x P values) stays in L2 while a
-  block of rows reuses it; the partial sums of a row are carried in ``yt``
-  between tiles. Only tiles holding entries of the block are visited, so the
-  work stays O(nnz * n + rows) however wide the layer. Every stored value is visited exactly once whatever the column
-  order inside a row; the tiling only pays off when columns ascend (the engine's
-  structures do).
-* **Transposed values.** With a permutation (``spmm_t``) and more than one panel,
-  the values are first gathered into stored order in one streaming pass rather
-  than read through ``perm`` at random once per panel.
+* **Packed panels.** X is first packed, in parallel, into panels of ``P`` samples:
+  ``xp[p, c, :] = X[p*P : p*P+P, c]`` (zero padded), so each stored value of W
+  multiplies one contiguous P-vector. ``P`` is the widest of 64/32/16/8 whose panel
+  (in x P values) fits in ~2 MiB (L2), so a panel stays cache-resident while every
+  row of W gathers from it. Packing is one read of X; it replaces the two
+  single-threaded transposes the layer used to make around each product.
+* **Register accumulators.** For one output row and one panel the P partial sums
+  live in a stack buffer that LLVM keeps in vector registers; two stored values are
+  taken per pass into two accumulator sets, so twice as many independent FMA
+  chains are in flight (the two sets are added at the end of the row).
+* **Direct output.** The P sums of 16 consecutive rows are buffered on the stack and
+  stored into ``Y[j, r0:r0+16]`` (row-major (n, out)) as contiguous runs, with the
+  bias folded into the accumulators' start value: no output transpose, no separate
+  bias pass, and no per-value strided stores (rows of Y are a multiple of 4 KiB
+  apart, so those would all land in one L1 set).
+* **Tasks.** (panel, row chunk) pairs, panel-major so each thread keeps one panel
+  hot; enough row chunks that 2 threads get >= 8 tasks.
 
-Results agree with a dense product to rounding; the summation order (and hence
-the last bits) is fixed by the structure and n, not by the thread count.
+Every output value is computed by one task in a fixed order, so results do not
+depend on the thread count; they agree with a dense product to rounding.
 """
 from __future__ import annotations
 
@@ -32,9 +35,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-PANEL = 128          # widest register panel (values); see _PANELS
-_PANELS = (128, 64, 32, 16)
-_L2_TILE_BYTES = 384 * 1024   # target size of the xt tile kept in L2 per thread
+_PANELS = (64, 32, 16, 8)
+_RB = 16                      # output rows buffered before their transposed store
+_PANEL_BYTES = 2 << 20        # a packed panel (features x P values) must fit this (~L2)
 
 
 @intrinsic
@@ -54,153 +57,175 @@ def _stack_buffer(typingctx, n_ty, dtype_ty):
     return sig, codegen
 
 
-@nb.njit(inline="always", cache=True)
-def next_tile(indices, indptr, cur, r0, r1, T):
-    """End column of the next column tile (of width T) that holds an unvisited
-    entry of rows [r0, r1), or -1 when all are visited. Jumping to it keeps the
-    per-call work O(nnz + rows): empty tiles are never visited."""
-    lo = -1
-    for r in range(r0, r1):
-        k = cur[r - r0]
-        if k < indptr[r + 1]:
-            c = indices[k]
-            if lo < 0 or c < lo:
-                lo = c
-    if lo < 0:
-        return -1
-    return (lo // T + 1) * T
+@nb.njit(parallel=True, cache=True, boundscheck=False)
+def pack_panels(x, out):
+    """out[p, c, j] = x[p*P + j, c] (0 past the last row), P = out.shape[2].
+    ``x`` may have any strides (row-major, or a transposed view of feature-major)."""
+    n, F = x.shape
+    npan, _, P = out.shape
+    FB = 4096 // P               # the written block (FB x P values) stays in L1
+    nfb = (F + FB - 1) // FB
+    for t in nb.prange(npan * nfb):
+        p = t // nfb
+        f0 = (t % nfb) * FB
+        f1 = min(f0 + FB, F)
+        j0 = p * P
+        m = min(P, n - j0)
+        o = out[p]
+        for j in range(m):
+            xr = x[j0 + j]
+            for f in range(f0, f1):
+                o[f, j] = xr[f]
+        for j in range(m, P):
+            for f in range(f0, f1):
+                o[f, j] = 0.0
 
 
-@nb.njit(inline="always", cache=True)
-def tile_end(indices, k, e, c1):
-    """First position in [k, e) whose column is >= c1 (columns ascend in a row):
-    the end of this row's entries in the current column tile."""
-    while k < e and indices[k] < c1:
-        k += 1
-    return k
+@nb.njit(parallel=True, cache=True, boundscheck=False)
+def transpose_into(x, out):
+    """out (F, n) = x (n, F)^T. Blocks of 64 samples x 256 features (one task each)
+    are moved in 16 x 16 tiles through a stack buffer, so both sides are read and
+    written in contiguous runs of >= 64 bytes (a plain strided loop thrashes L1 sets
+    when rows are a multiple of 4 KiB apart, and a column-strip order defeats the
+    hardware prefetchers)."""
+    n, F = x.shape
+    JB = 64
+    FB = 256
+    nj = (n + JB - 1) // JB
+    nf = (F + FB - 1) // FB
+    for t in nb.prange(nj * nf):
+        jb0 = (t // nf) * JB
+        fb0 = (t % nf) * FB
+        buf = nb.carray(_stack_buffer(256, x.dtype), (16, 16))
+        for j0 in range(jb0, min(jb0 + JB, n), 16):
+            jm = min(16, n - j0)
+            for f0 in range(fb0, min(fb0 + FB, F), 16):
+                fm = min(16, F - f0)
+                for jj in range(jm):
+                    xr = x[j0 + jj, f0:f0 + fm]
+                    for ff in range(fm):
+                        buf[ff, jj] = xr[ff]
+                for ff in range(fm):
+                    orow = out[f0 + ff, j0:j0 + jm]
+                    b = buf[ff]
+                    for jj in range(jm):
+                        orow[jj] = b[jj]
 
 
-def _make_panel_kernel(P, use_perm):
-    """Kernel for register panels of exactly P columns; P and use_perm are
-    compile-time constants (closure variables), so the P partial sums are kept in
-    registers."""
+def _make_panel_kernel(P):
+    """Kernel for packed panels of exactly P samples (P is a compile-time constant,
+    so the 2 x P partial sums of a row are kept in registers)."""
+    PRB = P * _RB
 
     @nb.njit(parallel=True, cache=True, fastmath={"contract"}, boundscheck=False)
-    def kernel(indptr, indices, data, perm, xt, yt, j_start, j_stop, T, RB):
-        """yt[:, j_start:j_stop] = (W @ xt)[:, j_start:j_stop], panels of exactly P
-        columns ((j_stop - j_start) % P == 0); P and use_perm are compile-time."""
+    def kernel(indptr, indices, data, xp, bias, y, nchunks):
         nrows = indptr.shape[0] - 1
-        nblk = (nrows + RB - 1) // RB
-        for b in nb.prange(nblk):
-            r0 = b * RB
-            r1 = min(r0 + RB, nrows)
-            acc = nb.carray(_stack_buffer(P, yt.dtype), P)
-            cur = np.empty(r1 - r0, np.int64)
-            for r in range(r0, r1):
-                yr = yt[r, j_start:j_stop]
-                for j in range(j_stop - j_start):
-                    yr[j] = 0.0
-            for j0 in range(j_start, j_stop, P):
-                for r in range(r0, r1):
-                    cur[r - r0] = indptr[r]
-                while True:
-                    c1 = next_tile(indices, indptr, cur, r0, r1, T)
-                    if c1 < 0:
-                        break
-                    for r in range(r0, r1):
-                        k = cur[r - r0]
-                        k1 = tile_end(indices, k, indptr[r + 1], c1)
-                        cur[r - r0] = k1
-                        if k1 == k:
-                            continue
-                        y = yt[r, j0:j0 + P]
+        npan = xp.shape[0]
+        n = y.shape[0]
+        use_bias = bias.shape[0] > 0
+        rc = (nrows + nchunks - 1) // nchunks
+        for t in nb.prange(npan * nchunks):
+            p = t // nchunks
+            r0 = (t % nchunks) * rc
+            r1 = min(r0 + rc, nrows)
+            j0 = p * P
+            m = min(P, n - j0)
+            a0 = nb.carray(_stack_buffer(P, y.dtype), P)
+            a1 = nb.carray(_stack_buffer(P, y.dtype), P)
+            ob = nb.carray(_stack_buffer(PRB, y.dtype), (_RB, P))
+            xpp = xp[p]
+            for rb0 in range(r0, r1, _RB):
+                rbn = min(_RB, r1 - rb0)
+                for i in range(rbn):
+                    r = rb0 + i
+                    for j in range(P):
+                        a0[j] = 0.0
+                        a1[j] = 0.0
+                    if use_bias:
+                        b = bias[r]
                         for j in range(P):
-                            acc[j] = y[j]
-                        for kk in range(k, k1):
-                            if use_perm:
-                                w = data[perm[kk]]
-                            else:
-                                w = data[kk]
-                            x = xt[indices[kk], j0:j0 + P]
-                            for j in range(P):
-                                acc[j] += w * x[j]
+                            a0[j] = b
+                    k = indptr[r]
+                    e = indptr[r + 1]
+                    while k + 2 <= e:
+                        w0 = data[k]
+                        w1 = data[k + 1]
+                        x0 = xpp[indices[k]]
+                        x1 = xpp[indices[k + 1]]
                         for j in range(P):
-                            y[j] = acc[j]
+                            a0[j] += w0 * x0[j]
+                            a1[j] += w1 * x1[j]
+                        k += 2
+                    if k < e:
+                        w0 = data[k]
+                        x0 = xpp[indices[k]]
+                        for j in range(P):
+                            a0[j] += w0 * x0[j]
+                    o = ob[i]
+                    for j in range(P):
+                        o[j] = a0[j] + a1[j]
+                # write the block transposed: one contiguous run of y per sample (rows
+                # of y are far apart, so per-value strided stores would thrash L1 sets)
+                for j in range(m):
+                    yr = y[j0 + j, rb0:rb0 + rbn]
+                    for i in range(rbn):
+                        yr[i] = ob[i, j]
 
     return kernel
 
 
-_PANEL_KERNELS = {(P, up): _make_panel_kernel(P, up) for P in _PANELS for up in (False, True)}
-
-
-@nb.njit(parallel=True, cache=True, fastmath={"contract"}, boundscheck=False)
-def _rows_tail_kernel(indptr, indices, data, perm, xt, yt, j_start):
-    """Columns j_start..n (fewer than the smallest panel), one row per thread."""
-    nrows = indptr.shape[0] - 1
-    n = xt.shape[1]
-    use_perm = perm.shape[0] > 0
-    for r in nb.prange(nrows):
-        y = yt[r, j_start:n]
-        for j in range(n - j_start):
-            y[j] = 0.0
-        for k in range(indptr[r], indptr[r + 1]):
-            w = data[perm[k]] if use_perm else data[k]
-            x = xt[indices[k], j_start:n]
-            for j in range(n - j_start):
-                y[j] += w * x[j]
+_PANEL_KERNELS = {P: _make_panel_kernel(P) for P in _PANELS}
 
 
 @nb.njit(parallel=True, cache=True, boundscheck=False)
-def _gather(data, perm):
+def gather(data, perm):
+    """data[perm] (one parallel pass)."""
     out = np.empty(perm.shape[0], data.dtype)
     for k in nb.prange(perm.shape[0]):
         out[k] = data[perm[k]]
     return out
 
 
-def csr_rows_kernel(indptr, indices, data, perm, xt, yt, panel=PANEL):
-    """yt[r, :] = sum_k data[perm[k]] * xt[indices[k], :] over k in row r.
+def panel_width(n_features: int, itemsize: int, n: int) -> int:
+    """Widest panel whose packed block fits ~L2, but no wider than n needs."""
+    for P in _PANELS:
+        if n_features * P * itemsize <= _PANEL_BYTES and P <= max(8, 2 * n):
+            return P
+    return _PANELS[-1]
 
-    ``perm`` maps stored position -> position in ``data``; pass an empty array for
-    the identity (column indices ascending within a row is fastest). ``panel`` is
-    the widest register panel to use (one of 128, 64, 32, 16). Shared by
-    :func:`spmm` and, on a transposed structure, by
-    :func:`sparsecore.kernels.spmm_t.spmm_t`.
-    """
+
+def csr_rows_kernel(indptr, indices, data, x, y, bias=None):
+    """y[:, r] = sum_k data[k] * x[:, indices[k]] (+ bias[r]) over k in row r, for
+    x (n, ncols) and y (n, nrows) with any strides (row-major is fastest).
+    ``data`` is in stored order. Shared by :func:`spmm` and, on a transposed
+    structure, by :func:`sparsecore.kernels.cpu.spmm_t.spmm_t`."""
     nrows = indptr.shape[0] - 1
-    ncols, n = xt.shape
+    n, ncols = x.shape
     if nrows == 0 or n == 0:
         return
-    use_perm = perm.shape[0] > 0
-    if use_perm and n >= 2 * _PANELS[-1]:
-        # several panels re-read every value: gather them into stored order once
-        # (one streaming pass) instead of a random access per value and panel
-        data = _gather(data, perm)
-        use_perm = False
-        perm = _NO_PERM
+    P = panel_width(ncols, x.itemsize, n)
+    npan = -(-n // P)
+    xp = np.empty((npan, ncols, P), x.dtype)
+    pack_panels(x, xp)
     nthreads = nb.get_num_threads()
-    rb = max(16, -(-nrows // (4 * nthreads)))
-    j = 0
-    for P in _PANELS:
-        if P > panel:
-            continue
-        stop = j + ((n - j) // P) * P
-        if stop > j:
-            t = max(64, _L2_TILE_BYTES // (P * xt.itemsize))
-            _PANEL_KERNELS[P, use_perm](indptr, indices, data, perm, xt, yt, j, stop, t, rb)
-            j = stop
-    if j < n:
-        _rows_tail_kernel(indptr, indices, data, perm, xt, yt, j)
+    nchunks = max(1, min(-(-8 * nthreads // npan), -(-nrows // 16)))
+    b = _EMPTY[np.dtype(x.dtype)] if bias is None else bias
+    _PANEL_KERNELS[P](indptr, indices, data, xp, b, y, nchunks)
 
 
-_NO_PERM = np.empty(0, np.int64)
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 
 
-def spmm(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, xt: np.ndarray,
-         out: np.ndarray | None = None) -> np.ndarray:
-    """Return yt (rows, n) with yt = W @ xt, W given as CSR (indptr, indices, data)."""
+def spmm(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, x: np.ndarray,
+         bias: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Return y (n, rows) = x @ W^T (+ bias) for x (n, cols), W as CSR
+    (indptr, indices, data). ``out`` may be any (n, rows) array (e.g. a transposed
+    view of a feature-major buffer)."""
     rows = indptr.shape[0] - 1
     if out is None:
-        out = np.empty((rows, xt.shape[1]), dtype=xt.dtype)
-    csr_rows_kernel(indptr, indices, data, _NO_PERM, xt, out, PANEL)
+        out = np.empty((x.shape[0], rows), dtype=x.dtype)
+    if rows and x.shape[0] and indices.shape[0] == 0:
+        out[:] = 0.0 if bias is None else bias
+        return out
+    csr_rows_kernel(indptr, indices, data, x, out, bias)
     return out

@@ -1,17 +1,18 @@
-"""dX^T = W^T G^T for a CSR matrix W, via a transposed structure built once.
+"""dX = G W for a CSR matrix W and row-major G (n, out), via a transposed structure built once.
 
 The transpose (CSC of W, i.e. CSR of W^T) is a pure index structure plus a
 permutation into W's value array. It depends only on the sparsity pattern, so
-the engine rebuilds it at refresh time and reuses it every step; values are
-gathered through the permutation inside the kernel, so no transposed copy of the
-values is ever made.
+the engine rebuilds it at refresh time and reuses it every step; each call gathers
+W's values into the transposed order in one parallel pass (K_A values, far less than
+the product's work) and runs the forward kernel (:func:`.spmm.csr_rows_kernel`) on
+W^T, reading G row-major as torch hands it.
 """
 from __future__ import annotations
 
 import numba as nb
 import numpy as np
 
-from .spmm import PANEL, csr_rows_kernel
+from .spmm import csr_rows_kernel, gather
 
 
 @nb.njit(cache=True)
@@ -45,11 +46,11 @@ def transpose_csr(indptr: np.ndarray, indices: np.ndarray, n_cols: int,
 
 
 def spmm_t(t_indptr: np.ndarray, t_rows: np.ndarray, t_perm: np.ndarray,
-           data: np.ndarray, gt: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Return dxt (in, n) = W^T @ gt for gt (out, n), W's transpose given by
-    :func:`transpose_csr` and W's values ``data``."""
+           data: np.ndarray, g: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Return dx (n, in) = g @ W for g (n, out), W's transpose given by
+    :func:`transpose_csr` and W's values ``data``. ``out`` may be any (n, in) array."""
     cols = t_indptr.shape[0] - 1
     if out is None:
-        out = np.empty((cols, gt.shape[1]), dtype=gt.dtype)
-    csr_rows_kernel(t_indptr, t_rows, data, t_perm, gt, out, PANEL)
+        out = np.empty((g.shape[0], cols), dtype=g.dtype)
+    csr_rows_kernel(t_indptr, t_rows, gather(data, t_perm), g, out)
     return out
