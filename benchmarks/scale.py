@@ -26,6 +26,7 @@ Usage::
     python benchmarks/scale.py                 # 99/98, 80/50, 95/90, 90/80, dense, 99.9/99.8
     python benchmarks/scale.py --quick         # sizes capped at 1e9 (a few minutes)
     python benchmarks/scale.py --only 0.99     # one forward sparsity (or "dense")
+    python benchmarks/scale.py --cap 1e10 --max-stored 2e8   # what ran on the shared machine
 
 Runs stop starting new configurations after --budget minutes (default 25).
 Writes benchmarks/results/scale[_quick].json and .png.
@@ -60,12 +61,14 @@ def predicted(d: int, sf, sb) -> dict:
     return p
 
 
-def largest_d(sf, sb, avail: int, cap: float | None) -> int:
-    """Largest d (multiple of 64) whose predicted peak fits ``avail``."""
+def largest_d(sf, sb, avail: int, cap: float | None, max_stored: float | None = None) -> int:
+    """Largest d (multiple of 64) whose predicted peak fits ``avail`` (and, if
+    given, whose dense-equivalent size and stored B entries stay under the caps)."""
     def fits(d):
         p = predicted(d, sf, sb)
         return (mp.BASE_RSS + p["peak"] + mp.HEADROOM <= avail
-                and (cap is None or p["dense_equivalent"] <= cap))
+                and (cap is None or p["dense_equivalent"] <= cap)
+                and (max_stored is None or p.get("stored_params", 0) <= max_stored))
     lo, hi = 1, 1
     while fits(64 * hi * 2):
         hi *= 2
@@ -109,6 +112,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="cap sizes at 1e9")
     ap.add_argument("--only", nargs="*", help="forward sparsities (e.g. 0.99) or 'dense'")
     ap.add_argument("--budget", type=float, default=25.0, help="minutes")
+    ap.add_argument("--cap", type=float, help="largest dense-equivalent size to try")
+    ap.add_argument("--max-stored", type=float,
+                    help="largest total K_B to try (steps, refresh cost ~1 us per B entry)")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -125,10 +131,14 @@ def main(argv=None):
             continue
         elapsed = (time.perf_counter() - t_start) / 60
         avail = mp.available_bytes()
-        d = largest_d(sf, sb, avail, 1e9 if a.quick else None)
+        cap = 1e9 if a.quick else a.cap
+        d = largest_d(sf, sb, avail, cap, a.max_stored)
+        d_mem = largest_d(sf, sb, avail, None)         # what memory alone would allow
         pred = predicted(d, sf, sb) if d else {}
         row = {"sparsity": name, "sf": sf, "sb": sb, "d": d, "layers": LAYERS,
-               "available_at_start": avail, "predicted": pred}
+               "available_at_start": avail, "predicted": pred, "d_memory_bound": d_mem,
+               "dense_equivalent_memory_bound": predicted(d_mem, sf, sb)["dense_equivalent"]
+               if d_mem else 0}
         if elapsed > a.budget:
             row["skipped"] = f"not run: time budget ({a.budget:g} min) spent"
         elif not d:
@@ -139,7 +149,8 @@ def main(argv=None):
             continue
         print(f"[{elapsed:5.1f} min] {name}: d={d}, L={LAYERS}, dense-equivalent "
               f"{pred['dense_equivalent']:.3g}, stored {pred.get('stored_params', 0):.3g}, "
-              f"predicted peak {mp.fmt(pred['peak'])} (available {mp.fmt(avail)})", flush=True)
+              f"predicted peak {mp.fmt(pred['peak'])} (available {mp.fmt(avail)}; memory alone "
+              f"would allow d={d_mem}: {row['dense_equivalent_memory_bound']:.3g})", flush=True)
         spec = {"family": "transformer", "d": d, "layers": LAYERS, "sf": sf, "sb": sb,
                 "phases": ["build", "step", "refresh"], "lr": 1e-4,
                 "path": str(out / ".scale.ckpt")}
