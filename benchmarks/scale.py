@@ -136,7 +136,7 @@ def main(argv=None):
     for cfg in ORDER:
         sf, sb = (None, None) if cfg == "dense" else cfg
         name = "dense" if sf is None else f"{sf:g}/{sb:g}"
-        if a.only and not any(o == name or o == f"{sf:g}" for o in a.only):
+        if a.only and not any(o == name or (sf is not None and o == f"{sf:g}") for o in a.only):
             continue
         if a.quick and sf == 0.999:
             continue
@@ -157,6 +157,7 @@ def main(argv=None):
         if "skipped" in row:
             print(f"{name}: {row['skipped']}")
             rows.append(row)
+            save(rows)
             continue
         print(f"[{elapsed:5.1f} min] {name}: d={d}, L={LAYERS}, dense-equivalent "
               f"{pred['dense_equivalent']:.3g}, stored {pred.get('stored_params', 0):.3g}, "
