@@ -1,38 +1,38 @@
-"""Peak memory of one Top-KAST layer: measured RSS vs the analytic model vs dense.
+"""Peak memory of whole models trained with Top-KAST, per phase, against the analytic
+model (``SparseModel.memory_report()``), the compact ideal, dense Adam training and
+masked-dense Top-KAST.
 
-Every configuration runs in a fresh subprocess that
+Two model families, both built under ``torch.device("meta")`` and wrapped in
+``sc.SparseModel`` (so no dense weight ever exists):
 
-1. imports torch and sparsecore and compiles/loads every kernel on a tiny layer
-   (build, forward, backward, AdamW step, refresh) -- the *baseline* work;
-2. builds the layer through the public API: ``nn.Sequential(nn.Linear(in, out))``
-   created on the meta device, wrapped in ``sc.SparseModel`` (so no dense weight
-   can exist), then runs a few AdamW steps (forward + backward including dx) on a
-   batch of n rows and one ``layer.refresh(opt)``;
-3. reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after each phase (build,
-   steps, refresh), the current RSS at the end, the bytes of every tensor the layer
-   and the optimizer hold, and ``SparseModel.memory_report(opt)``.
+* ``transformer``: a decoder (byte vocabulary of 256, learned positions, L blocks
+  of LayerNorm + causal attention with q/k/v/o ``nn.Linear(d, d)`` + LayerNorm +
+  MLP ``nn.Linear(d, 4d)`` / ``nn.Linear(4d, d)``, final LayerNorm, head
+  ``nn.Linear(d, 256)``); dense-equivalent parameters ~ 12 L d^2;
+* ``mlp``: L layers ``nn.Linear(d, d)`` with ReLU; ~ L d^2.
 
-A baseline subprocess does step 1 only; its peak RSS is subtracted. For sizes that
-fit in RAM, a dense nn.Linear child (same steps, no sparsecore kernels after the
-warm-up) checks the dense model 16*out*in bytes and the RSS method itself.
+Every configuration runs in a fresh subprocess (``OMP_WAIT_POLICY=PASSIVE``; torch
+imported first, as user code does). The subprocess first runs every phase on a tiny
+model of the same family (all kernels compiled / loaded), calls ``malloc_trim`` and
+takes its RSS as the baseline. Then, for each phase -- build, step (two AdamW steps
+on batch 1 x context 16; the first allocates gradients and AdamW state), refresh
+(``model.refresh()``), save, load (``sc.save`` / ``sc.load`` with the optimizer) --
+it resets the kernel's RSS high-water mark (write "5" to ``/proc/self/clear_refs``)
+and records ``VmHWM - baseline``: the peak RSS of that phase, whatever allocated it.
 
-Analytic model (float32 values, int32 columns, int64 pointers), per layer:
+A configuration runs only if its predicted peak (memory.py's steady state plus
+1.6x the largest layer's steady state for the transients of build/refresh/load,
+measured by tests/test_memory_phases.py, plus activations) plus the child's
+baseline leaves >= 1.5 GiB of the machine's *currently available* memory; otherwise
+it is marked "does not fit". A watchdog kills a child (reported as an error) if
+the available memory falls below 1 GiB, so nothing is ever OOM-killed.
 
-* values + grad + AdamW exp_avg + exp_avg_sq on B:        16 K_B
-* CSR of A and of B minus A: 2 int64 indptr + int32 cols: 16 (out+1) + 4 K_B
-* transpose of A: int64 indptr over in, int32 rows, int64 perm: 8 (in+1) + 12 K_A
-* reserve, int64 flat index + float32 value:              12 R,  R = ceil(reserve K_B)
-* bias (param, grad, 2 Adam states):                      16 out
-* activations alive during backward: x, x^T (saved), dx^T, dx (in-sized) and
-  y, dy, dy^T (out-sized):                                4 n (4 in + 3 out)
+Usage::
 
-Dense equivalent: 16 out in (weight, grad, two Adam states) + the same bias and
-activations. Usage::
+    python benchmarks/memory_profile.py            # both families, up to 1e9 (~10 min)
+    python benchmarks/memory_profile.py --quick    # up to 1e8 dense-equivalent (~5 min)
 
-    python benchmarks/memory_profile.py            # all configurations (several minutes)
-    python benchmarks/memory_profile.py --quick    # skips the huge layers
-
-Writes benchmarks/results/memory[_quick].json and .png.
+Writes benchmarks/results/memory_models[_quick].json and .png.
 """
 from __future__ import annotations
 
@@ -51,300 +51,422 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 from _common import pyplot, tree_state  # noqa: E402
-from sparsecore.topkast import sizes  # noqa: E402  (K_A, K_B exactly as the engine)
-MiB = 1024.0 ** 2
-RESERVE = 0.25  # TopKASTLinear default; the analytic model uses it
+from sparsecore import memory as M  # noqa: E402
+from sparsecore.topkast import sizes  # noqa: E402
 
-# (name, in, out, S_f, S_b, batch n, steps, kind)
-CONFIGS = [
-    ("4k-80/50", 4096, 4096, 0.8, 0.5, 512, 3, "sparse"),
-    ("4k-95/90", 4096, 4096, 0.95, 0.9, 512, 3, "sparse"),
-    ("4k-99/98", 4096, 4096, 0.99, 0.98, 512, 3, "sparse"),
-    ("4k-dense", 4096, 4096, None, None, 512, 3, "dense"),
-    ("16k-99/98", 16384, 16384, 0.99, 0.98, 64, 3, "sparse"),
-    ("16k-dense", 16384, 16384, None, None, 64, 3, "dense"),
-    ("64k-99.9/99.8", 65536, 65536, 0.999, 0.998, 16, 3, "sparse"),
-    ("100k-99.999/99.998", 100_000, 100_000, 0.99999, 0.99998, 16, 3, "sparse"),
-]
-QUICK = {"4k-95/90", "4k-99/98", "4k-dense", "16k-99/98"}
-
-
-# ---------------------------------------------------------------------------- model
-def analytic(in_f, out_f, sf, sb, n, reserve=RESERVE):
-    """Bytes by item of the steady state (after a step and a refresh)."""
-    act = 4 * n * (4 * in_f + 3 * out_f)
-    bias = 16 * out_f
-    if sf is None:
-        return {"dense weight+grad+adam": 16 * in_f * out_f, "bias": bias, "activations": act}
-    k_a, k_b = sizes(in_f, out_f, sf, sb)
-    r = math.ceil(reserve * k_b)
-    return {
-        "values+grad+adam (16 K_B)": 16 * k_b,
-        "CSR A, B-A (16(out+1) + 4 K_B)": 16 * (out_f + 1) + 4 * k_b,
-        "A^T (8(in+1) + 12 K_A)": 8 * (in_f + 1) + 12 * k_a,
-        "reserve (12 R)": 12 * r,
-        "bias": bias,
-        "activations": act,
-    }
+GiB = float(1 << 30)
+RESERVE = 0.25
+VOCAB, CTX, BATCH = 256, 16, 1
+HEADROOM = 3 * (1 << 30)  # scale.py: a predicted peak must leave this much available
+FIT_HEADROOM = 3 << 29    # memory_profile.py: 1.5 GiB (sizes here are far from the RAM)
+BASE_RSS = 800 << 20      # the child before the model: python, torch, numba, kernels
+PHASES = ("build", "step", "refresh", "save", "load")
+SPARSITIES = [(0.8, 0.5), (0.9, 0.8), (0.95, 0.9), (0.99, 0.98)]
+LAYERS = {"transformer": 4, "mlp": 4}
+# dense-equivalent parameter targets per forward sparsity (d is chosen to match). The
+# largest sizes that fit are scale.py's job; here the time per configuration grows
+# with K_B (refresh and load cost ~0.4-1 us per B entry on the shared machine: 1e8 at
+# 80/50 alone takes ~3 min), so the lower sparsities stop earlier. --quick: <= 1e8.
+TARGETS = {"transformer": {0.8: [1e7], 0.9: [1e7], 0.95: [1e7, 1e8],
+                           0.99: [1e7, 1e8, 1e9]},
+           "mlp": {0.8: [1e7], 0.9: [1e7], 0.95: [1e7], 0.99: [1e7, 1e8, 1e9]}}
+DENSE_TARGETS = {"transformer": [1e7, 1e8], "mlp": []}
 
 
-# ---------------------------------------------------------------------------- child
-def _rss_now():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _tensor_bytes(ts):
-    seen, total = set(), 0
-    for t in ts:
-        if t is None or id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
-
-
-def _steps(mod, opt, x, dy, steps):
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        x.grad = None
-        y = mod(x)
-        y.backward(dy)
-        opt.step()
-    return y
-
-
-def child(spec: dict) -> dict:
-    import sparsecore as sc  # before torch: see the OpenMP note in docs
+# ---------------------------------------------------------------------------- models
+def transformer(d: int, n_layers: int, vocab: int = VOCAB, ctx: int = 64):
     import torch
     from torch import nn
+    import torch.nn.functional as F
 
-    torch.manual_seed(0)
-    # 1. baseline work: compile / load every kernel on a tiny layer
-    tiny = sc.TopKASTLinear(256, 192, forward_sparsity=0.9, backward_sparsity=0.8)
-    topt = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
-    xt = torch.randn(8, 256, requires_grad=True)
-    _steps(tiny, topt, xt, torch.randn(8, 192), 2)
-    tiny.refresh(topt)
-    dn = nn.Linear(64, 64)
-    dopt = torch.optim.AdamW(dn.parameters(), lr=1e-3)
-    _steps(dn, dopt, torch.randn(4, 64, requires_grad=True), torch.randn(4, 64), 2)
-    del tiny, topt, xt, dn, dopt
-    out = {"peak_baseline_work": _peak(), "rss_after_warmup": _rss_now()}
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        out["rss_after_warmup_trimmed"] = _rss_now()
-    except OSError:
-        out["rss_after_warmup_trimmed"] = out["rss_after_warmup"]
-    if spec["kind"] == "baseline":
-        out["peak_end"] = out["peak_baseline_work"]
-        return out
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = max(1, d // 64)       # head dimension 64 (d is a multiple of 64)
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+            self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
-    in_f, out_f, n = spec["in"], spec["out"], spec["n"]
-    t0 = time.perf_counter()
-    if spec["kind"] == "dense":
-        mod = nn.Linear(in_f, out_f)
-        layer = mod
+        def forward(self, x):
+            b, t, _ = x.shape
+            h = self.ln1(x)
+            q, k, v = (f(h).view(b, t, self.heads, -1).transpose(1, 2)
+                       for f in (self.q, self.k, self.v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+            return x + self.proj(F.gelu(self.fc(self.ln2(x))))
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+            self.blocks = nn.ModuleList(Block() for _ in range(n_layers))
+            self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+        def forward(self, idx):
+            x = self.emb(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+            for blk in self.blocks:
+                x = blk(x)
+            return self.head(self.ln(x))
+
+    return Decoder()
+
+
+def mlp(d: int, n_layers: int):
+    from torch import nn
+    mods = []
+    for _ in range(n_layers):
+        mods += [nn.Linear(d, d), nn.ReLU()]
+    return nn.Sequential(*mods[:-1])
+
+
+def shapes(family: str, d: int, n_layers: int) -> tuple[list, int]:
+    """(in, out) of every linear layer, and the other (dense) parameters."""
+    if family == "transformer":
+        lin = [(d, d)] * 4 * n_layers + [(d, 4 * d), (4 * d, d)] * n_layers + [(d, VOCAB)]
+        dense = VOCAB * d + 64 * d + 4 * d * n_layers + 2 * d       # embeddings + norms
     else:
-        with torch.device("meta"):
-            net = nn.Sequential(nn.Linear(in_f, out_f))
-        mod = sc.SparseModel(net, forward_sparsity=spec["sf"], backward_sparsity=spec["sb"],
-                             seed=0)
-        layer = next(iter(mod.sparse_layers().values()))
-    out["build_s"] = time.perf_counter() - t0
-    out["peak_after_build"] = _peak()
+        lin, dense = [(d, d)] * n_layers, 0
+    return lin, dense
 
-    opt = torch.optim.AdamW(mod.parameters(), lr=spec["lr"])
-    x = torch.randn(n, in_f, requires_grad=True)
-    dy = torch.randn(n, out_f) / math.sqrt(n * out_f)
-    t0 = time.perf_counter()
-    y = _steps(mod, opt, x, dy, spec["steps"])
-    out["steps_s"] = time.perf_counter() - t0
-    out["peak_after_steps"] = _peak()
-    if spec["kind"] == "sparse":
-        t0 = time.perf_counter()
-        info = layer.refresh(opt)
-        out["refresh_s"] = time.perf_counter() - t0
-        out["refresh_info"] = {k: float(v) for k, v in info.items()}
-        out["peak_after_refresh"] = _peak()
-        out["k_a"], out["k_b"], out["pool"] = layer.k_a, layer.k_b, layer.pool_size()
-        out["reserve_entries"] = int(layer.sparse_state.n_reserve)
-        rep = mod.memory_report(opt)
-        out["memory_report"] = {k: float(v) for k, v in rep.items()}
-    state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    params = list(layer.parameters())
-    out["counted"] = {
-        "parameters": _tensor_bytes(params),
-        "gradients": _tensor_bytes([p.grad for p in params]),
-        "optimizer_state": _tensor_bytes(state),
-        "buffers (indices, reserve)": _tensor_bytes(list(layer.buffers())),
-        "activations (x, dx, y, dy)": _tensor_bytes([x, x.grad, y, dy]),
-    }
-    out["rss_end"] = _rss_now()
-    out["peak_end"] = _peak()
-    try:  # give freed heap pages back: what stays is live memory, not allocator retention
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        out["rss_end_trimmed"] = _rss_now()
-    except OSError:
-        out["rss_end_trimmed"] = out["rss_end"]
+
+def predict(family: str, d: int, n_layers: int, sf: float | None, sb: float | None) -> dict:
+    """Analytic bytes (memory.py) of a configuration: steady state, compact ideal,
+    dense Adam, masked-dense Top-KAST, and the predicted peak."""
+    lin, dense = shapes(family, d, n_layers)
+    n_dense_equiv = sum(i * o for i, o in lin)
+    biases = sum(o for _, o in lin)
+    dense_total = dense + biases
+    out = {"dense_equivalent": n_dense_equiv + dense_total,
+           "dense_adam": M.dense_training_bytes(n_dense_equiv + dense_total),
+           "masked_dense_topkast": M.masked_dense_topkast_bytes(n_dense_equiv + dense_total)}
+    if sf is None:     # dense training: weights, grads, AdamW state + the step's temporaries
+        out["steady"] = out["dense_adam"]
+        out["peak"] = out["steady"] + 12 * max(i * o for i, o in lin) + (256 << 20)
+        return out
+    steady, ideal, largest, stored = 16 * dense_total, 16 * dense_total, 0, dense_total
+    for i, o in lin:
+        k_a, k_b = sizes(i, o, sf, sb)
+        r = math.ceil(RESERVE * k_b)
+        layer = sum(M.sparse_layer_bytes(i, o, k_a, k_b, r).values())
+        steady += layer
+        ideal += M.compact_ideal_bytes(k_a, k_b, r)
+        largest = max(largest, layer)
+        stored += k_b
+    out.update(steady=steady, compact_ideal=ideal, stored_params=stored,
+               peak=steady + int(1.6 * largest) + (256 << 20))
     return out
 
 
-def run_child(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+def d_for(family: str, target: float, n_layers: int) -> int:
+    """d (a multiple of 64) whose dense-equivalent size is closest to ``target``."""
+    per = 12 * n_layers if family == "transformer" else n_layers
+    return max(64, int(round(math.sqrt(target / per) / 64)) * 64)
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        info = {l.split(":")[0]: int(l.split()[1]) << 10 for l in f}
+    return info["MemAvailable"]
+
+
+# ---------------------------------------------------------------------------- child
+def child(spec: dict) -> dict:
+    import torch  # first, as user code does
+    import ctypes
+    import gc
+    import sparsecore as sc
+
+    libc = ctypes.CDLL("libc.so.6")
+
+    def status():
+        with open("/proc/self/status") as f:
+            return {l.split(":")[0]: int(l.split()[1]) << 10 for l in f
+                    if l.startswith(("VmRSS", "VmHWM"))}
+
+    def reset():
+        gc.collect()
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return status()["VmRSS"]
+
+    family, sparse = spec["family"], spec["sf"] is not None
+    torch.manual_seed(0)
+
+    def build(d, n_layers):
+        if not sparse:
+            return transformer(d, n_layers) if family == "transformer" else mlp(d, n_layers)
+        with torch.device("meta"):
+            net = transformer(d, n_layers) if family == "transformer" else mlp(d, n_layers)
+        return sc.SparseModel(net, forward_sparsity=spec["sf"], backward_sparsity=spec["sb"],
+                              refresh_every=1 << 30, reserve=RESERVE, verbose=False)
+
+    def batch(d):
+        if family == "transformer":
+            idx = torch.randint(0, VOCAB, (BATCH, CTX + 1))
+            return idx[:, :-1], idx[:, 1:]
+        return torch.randn(BATCH * CTX, d), torch.randn(BATCH * CTX, d)
+
+    def step(model, opt, d):
+        x, t = batch(d)
+        y = model(x)
+        if family == "transformer":
+            loss = torch.nn.functional.cross_entropy(y.reshape(-1, VOCAB), t.reshape(-1))
+        else:
+            loss = torch.nn.functional.mse_loss(y, t)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+
+    path = spec["path"]
+    phases = spec.get("phases", PHASES)
+
+    def run(d, n_layers, record):
+        times, peaks, info = {}, {}, {}
+        state = {}
+
+        def phase(name, fn):
+            if name not in phases:
+                return
+            r0 = reset()
+            t0 = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - t0
+            s = status()
+            peaks[name] = s["VmHWM"] - record["base"] if record else 0
+            info.setdefault("transient", {})[name] = s["VmHWM"] - r0
+
+        phase("build", lambda: state.update(model=build(d, n_layers)))
+        model = state["model"]
+        opt = torch.optim.AdamW(model.parameters(), lr=spec.get("lr", 1e-3))
+
+        def two_steps():
+            t0 = time.perf_counter()
+            step(model, opt, d)
+            info["first_step_s"] = time.perf_counter() - t0
+            step(model, opt, d)
+        phase("step", two_steps)
+        if "step" in times:
+            times["step"] -= info["first_step_s"]      # time of the second (steady) step
+        if sparse:
+            def refresh():
+                res = model.refresh()
+                info["replenished"] = sum(v["replenished"] for v in res.values())
+                info["changed_a"] = (sum(v["changed_a"] * model.sparse_layers()[n].k_a
+                                         for n, v in res.items())
+                                     / sum(l.k_a for l in model.sparse_layers().values()))
+            phase("refresh", refresh)
+        phase("save", lambda: sc.save(model, path, optimizer=opt))
+        phase("load", lambda: sc.load(path, model, optimizer=opt))
+        if sparse:
+            rep = model.memory_report(opt)
+            info["memory_report"] = {k: float(v) for k, v in rep.items()}
+            layers = list(model.sparse_layers().values())
+            info["compact_ideal"] = sum(M.compact_ideal_bytes(l.k_a, l.k_b,
+                                                              l.sparse_state.n_reserve)
+                                        for l in layers)
+            info["compact_ideal"] += (rep["dense_parameters"] + rep["dense_gradients"]
+                                      + 2 * rep["dense_parameters"])
+            info["stored_params"] = sum(l.k_b for l in layers)
+            info["reserve_entries"] = sum(l.sparse_state.n_reserve for l in layers)
+            info["k_b"] = sum(l.k_b for l in layers)
+        else:
+            info["params"] = sum(p.numel() for p in model.parameters())
+        if os.path.exists(path):
+            os.unlink(path)
+        return {"peaks": peaks, "times": times, **info}
+
+    run(64, 1, None)                              # warm-up: every kernel, every phase
+    record = {"base": reset()}
+    res = run(spec["d"], spec["layers"], record)
+    res["baseline_rss"] = record["base"]
+    return res
+
+
+def run_child(spec: dict, timeout: float, guard: int = 1 << 30) -> dict:
+    """Run one configuration in a fresh interpreter. A watchdog polls the machine's
+    available memory and kills the child (reported as an error) when it falls below
+    ``guard``, so a wrong prediction never ends in the kernel's OOM killer."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
-    if p.returncode != 0:
-        raise RuntimeError(f"child {spec} failed:\n{p.stderr[-3000:]}")
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    min_avail = available_bytes()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=str(ROOT), env=env) as p:
+        import threading
+        chunks = {}
+        readers = [threading.Thread(target=lambda n, f: chunks.__setitem__(n, f.read()),
+                                    args=(n, f)) for n, f in (("out", p.stdout), ("err", p.stderr))]
+        for r in readers:
+            r.start()
+        killed = None
+        while p.poll() is None:
+            avail = available_bytes()
+            min_avail = min(min_avail, avail)
+            if avail < guard:
+                killed = f"killed by the watchdog: available memory fell to {fmt(avail)}"
+            elif time.perf_counter() - t0 > timeout:
+                killed = f"timeout after {timeout:.0f} s"
+            if killed:
+                p.kill()
+                break
+            time.sleep(0.2)
+        p.wait()
+        for r in readers:
+            r.join()
+    if os.path.exists(spec["path"]):
+        os.unlink(spec["path"])
+    if killed or p.returncode != 0:
+        return {"error": killed or f"exit {p.returncode}: {chunks.get('err', '')[-1500:]}",
+                "min_available": min_avail}
+    line = [ln for ln in chunks["out"].splitlines() if ln.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])
     res["wall_s"] = time.perf_counter() - t0
+    res["min_available"] = min_avail
     return res
+
+
+def timeout_for(pred: dict, sparse: bool) -> float:
+    """Generous: start-up, 10 ns per dense-equivalent coordinate (build scan and a
+    possible replenishing scan), 1.5 us per B entry (steps, refresh, checkpoint
+    hashing and the load's structure validation, twice)."""
+    n = pred["dense_equivalent"]
+    if not sparse:
+        return 120 + 5e-8 * n
+    return 150 + 1e-8 * n + 1.5e-6 * pred["stored_params"]
 
 
 # ---------------------------------------------------------------------------- report
 def fmt(b):
-    b = float(b)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(b) < 1024 or unit == "TiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
+    return M.fmt_bytes(b) if b == b else "-"
 
 
-def print_table(rows, base):
-    print(f"\nBaseline (import torch + sparsecore, kernels compiled): peak RSS "
-          f"{fmt(base['peak_end'])}; all numbers below are peak RSS minus that baseline.")
-    print(f"\n{'config':<20} {'K_B':>9} {'n':>4} {'analytic':>11} {'counted':>11} "
-          f"{'RSS end':>11} {'trimmed':>11} {'peak RSS':>11} {'peak/anal.':>10} {'dense equiv':>12} "
-          f"{'peak/dense':>10} {'max rise in':>11}")
+def print_table(rows):
+    print(f"\n{'family':<12}{'S_f/S_b':>10}{'d':>7}{'dense-eq':>10}{'report':>12}"
+          + "".join(f"{p:>11}" for p in PHASES)
+          + f"{'peak/rep':>9}{'rep/ideal':>10}{'adam/peak':>10}{'mask/peak':>10}")
     for r in rows:
-        m = r["measured"]
-        dense_eq = r["dense_equivalent_bytes"]
-        print(f"{r['name']:<20} {r.get('k_b', '-')!s:>9} {r['n']:>4} "
-              f"{fmt(r['analytic_total']):>11} {fmt(r['counted_total']):>11} "
-              f"{fmt(m['rss_end_delta']):>11} {fmt(m['rss_end_trimmed_delta']):>11} "
-              f"{fmt(m['peak_delta']):>11} "
-              f"{m['peak_delta'] / r['analytic_total']:>9.2f}x {fmt(dense_eq):>12} "
-              f"{m['peak_delta'] / dense_eq:>10.2e} {m['peak_phase']:>11}")
-    print("\nanalytic = the model in this file's docstring (state + activations); counted = "
-          "bytes of the tensors the layer, optimizer and step hold at the end; RSS end = "
-          "current RSS after the refresh; trimmed = the same after malloc_trim(0) (freed heap "
-          "returned); max rise in = build / steps / refresh, whichever raised the peak most; "
-          "dense equiv = 16*out*in + bias + the same activations.")
-    print("\nWeight state only (no activations): analytic vs memory_report() vs dense 16*out*in")
-    print(f"{'config':<20} {'analytic':>11} {'memory_report':>14} {'dense 16N':>12} {'ratio':>9}"
-          f" {'build s':>8} {'refresh s':>9} {'replen.':>7}")
-    for r in rows:
-        if r["kind"] != "sparse":
+        lead = (f"{r['family']:<12}{r['sparsity']:>10}{r['d']:>7}"
+                f"{r['predicted']['dense_equivalent']:>10.2e}")
+        if "error" in r or "skipped" in r:
+            print(lead + "  " + (r.get("skipped") or "FAILED: " + r["error"][:80]))
             continue
-        a = r["analytic_total"] - r["analytic"]["activations"]
-        mr = r.get("memory_report", {}).get("total", math.nan)
-        d = 16 * r["in"] * r["out"]
-        print(f"{r['name']:<20} {fmt(a):>11} {fmt(mr):>14} {fmt(d):>12} {a / d:>9.2e}"
-              f" {r['build_s']:>8.1f} {r.get('refresh_s', math.nan):>9.1f}"
-              f" {int(r.get('refresh_info', {}).get('replenished', 0)):>7}")
+        rep = r.get("memory_report", {}).get("total", r["predicted"]["steady"])
+        peak = max(r["peaks"].values())
+        cells = "".join(f"{fmt(r['peaks'].get(p, math.nan)):>11}" for p in PHASES)
+        ideal = r.get("compact_ideal")
+        print(lead + f"{fmt(rep):>12}" + cells + f"{peak / rep:>9.2f}"
+              + (f"{rep / ideal:>10.2f}" if ideal else f"{'-':>10}")
+              + f"{r['predicted']['dense_adam'] / peak:>10.1f}"
+              + f"{r['predicted']['masked_dense_topkast'] / peak:>10.1f}")
+    print("\nreport = memory_report(opt)['total'] (analytic steady state; dense rows: 16 B/param);"
+          " phase columns = peak RSS during the phase minus the baseline (process after the"
+          " warm-up); peak/rep = largest phase peak / report; rep/ideal = report / compact"
+          " ideal (20 B per B entry + 8 per A entry + 12 per reserve entry, + 16 B per dense"
+          " parameter); adam/peak, mask/peak = dense Adam (16 B/param) and masked-dense Top-KAST"
+          " (18 B/param) analytic bytes / measured peak.")
 
 
-def plot(rows, path):
+def plot(rows, path, ram):
     plt = pyplot()
     if plt is None:
         return
-    rows = [r for r in rows if r["kind"] == "sparse"]
-    names = [r["name"] for r in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    w = 0.2
-    ax.bar([x - 1.5 * w for x in xs], [r["analytic_total"] / MiB for r in rows], w,
-           label="analytic (state + activations)")
-    ax.bar([x - 0.5 * w for x in xs], [r["measured"]["rss_end_delta"] / MiB for r in rows], w,
-           label="RSS at end - baseline")
-    ax.bar([x + 0.5 * w for x in xs], [r["measured"]["peak_delta"] / MiB for r in rows], w,
-           label="peak RSS - baseline")
-    ax.bar([x + 1.5 * w for x in xs], [r["dense_equivalent_bytes"] / MiB for r in rows], w,
-           label="dense equivalent (16 out in + act.)", color="grey")
-    ax.axhline(24 * 1024, color="r", ls="--", lw=1, label="machine RAM (24 GiB)")
-    ax.set_yscale("log")
-    ax.set_xticks(list(xs), names, rotation=15, fontsize=8)
-    ax.set_ylabel("MiB (log)")
-    ax.set_title("One TopKASTLinear trained with AdamW: memory")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    for ax, family in zip(axes, ("transformer", "mlp")):
+        fam = [r for r in rows if r["family"] == family and "peaks" in r]
+        for sp in sorted({r["sparsity"] for r in fam if r["sparsity"] != "dense"}):
+            pts = sorted((r["predicted"]["dense_equivalent"], max(r["peaks"].values()))
+                         for r in fam if r["sparsity"] == sp)
+            ax.plot(*zip(*pts), "o-", label=f"Top-KAST {sp} (measured peak)")
+        dn = sorted((r["predicted"]["dense_equivalent"], max(r["peaks"].values()))
+                    for r in fam if r["sparsity"] == "dense")
+        if dn:
+            ax.plot(*zip(*dn), "ks", ms=7, label="dense AdamW (measured peak)")
+        xs = sorted({r["predicted"]["dense_equivalent"] for r in rows if r["family"] == family})
+        if xs:
+            ax.plot(xs, [16 * x for x in xs], "k--", lw=1, label="dense Adam, 16 B/param")
+            ax.plot(xs, [18 * x for x in xs], "k:", lw=1, label="masked-dense Top-KAST, 18 B/param")
+        ax.axhline(ram, color="r", lw=1.2, label=f"machine RAM ({ram / GiB:.0f} GiB)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("dense-equivalent parameters")
+        ax.set_title(f"{family}: peak RSS over the phases (minus baseline)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("bytes")
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 
+def configs(quick: bool):
+    out = []
+    for family in ("transformer", "mlp"):
+        n_layers = LAYERS[family]
+        for sf, sb in SPARSITIES:
+            for t in TARGETS[family][sf]:
+                if not quick or t <= 1e8:
+                    out.append((family, d_for(family, t, n_layers), n_layers, sf, sb))
+        for t in DENSE_TARGETS[family]:                       # dense AdamW, measured
+            out.append((family, d_for(family, t, n_layers), n_layers, None, None))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="skip the huge layers")
-    ap.add_argument("--only", nargs="*", help="config names to run")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--no-png", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="sizes up to 1e9 only")
+    ap.add_argument("--family", choices=("transformer", "mlp"))
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--no-png", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        res = child(json.loads(a.child))
-        print("RESULT " + json.dumps(res), flush=True)
+        print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
         return
-
     t_start = time.perf_counter()
-    cfgs = [c for c in CONFIGS if (not a.quick or c[0] in QUICK) and (not a.only or c[0] in a.only)]
-    print("baseline child ...", flush=True)
-    base = run_child({"kind": "baseline"}, a.timeout)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rows = []
-    for name, in_f, out_f, sf, sb, n, steps, kind in cfgs:
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {name} ...", flush=True)
-        spec = {"kind": kind, "in": in_f, "out": out_f, "sf": sf, "sb": sb, "n": n,
-                "steps": steps, "lr": a.lr}
-        res = run_child(spec, a.timeout)
-        anal = analytic(in_f, out_f, sf, sb, n)
-        peaks = {"build": res["peak_after_build"], "steps": res["peak_after_steps"],
-                 "refresh": res.get("peak_after_refresh", res["peak_after_steps"])}
-        prev, phase = res["peak_baseline_work"], "baseline"
-        for ph, v in peaks.items():  # the phase during which the peak grew the most
-            if v - prev > 0 and (phase == "baseline" or v - prev > best):
-                phase, best = ph, v - prev
-            prev = max(prev, v)
-        row = {
-            "name": name, "kind": kind, "in": in_f, "out": out_f, "sf": sf, "sb": sb, "n": n,
-            "steps": steps, **{k: v for k, v in res.items() if not k.startswith("peak")},
-            "peaks": {k: v for k, v in res.items() if k.startswith("peak")},
-            "analytic": anal, "analytic_total": sum(anal.values()),
-            "counted_total": sum(res["counted"].values()),
-            "dense_equivalent_bytes": 16 * in_f * out_f + anal["bias"] + anal["activations"],
-            "measured": {
-                "peak_delta": res["peak_end"] - base["peak_end"],
-                "rss_end_delta": res["rss_end"] - base["rss_after_warmup"],
-                "rss_end_trimmed_delta": (res["rss_end_trimmed"]
-                                          - base["rss_after_warmup_trimmed"]),
-                "peak_phase": phase,
-                "peak_delta_by_phase": {ph: v - base["peak_end"] for ph, v in peaks.items()},
-            },
-        }
+    tmp = Path(a.out) / ".memory_profile.ckpt"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    for family, d, n_layers, sf, sb in configs(a.quick):
+        if a.family and family != a.family:
+            continue
+        sparse = sf is not None
+        pred = predict(family, d, n_layers, sf, sb)
+        row = {"family": family, "d": d, "layers": n_layers, "sf": sf, "sb": sb,
+               "sparsity": f"{sf:g}/{sb:g}" if sparse else "dense", "predicted": pred}
+        avail = available_bytes()
+        label = f"{family} {row['sparsity']} d={d} ({pred['dense_equivalent']:.2e})"
+        if BASE_RSS + pred["peak"] + FIT_HEADROOM > avail:
+            row["skipped"] = (f"does not fit: predicted peak {fmt(pred['peak'])} + base + 1.5 GiB > "
+                              f"available {fmt(avail)}")
+            print(f"[{time.perf_counter() - t_start:6.0f}s] {label}: {row['skipped']}", flush=True)
+            rows.append(row)
+            continue
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {label}: predicted peak "
+              f"{fmt(pred['peak'])} ...", flush=True)
+        spec = {"family": family, "d": d, "layers": n_layers, "sf": sf, "sb": sb,
+                "path": str(tmp)}
+        row.update(run_child(spec, timeout_for(pred, sparse)))
+        if "peaks" in row:
+            print("    " + ", ".join(f"{k} {fmt(v)}" for k, v in row["peaks"].items())
+                  + f"  ({row['wall_s']:.0f} s)", flush=True)
+        else:
+            print("    " + row["error"][:300], flush=True)
         rows.append(row)
-        m = row["measured"]
-        print(f"    peak-baseline {fmt(m['peak_delta'])}, analytic {fmt(row['analytic_total'])}, "
-              f"dense equiv {fmt(row['dense_equivalent_bytes'])} ({res['wall_s']:.0f} s)",
-              flush=True)
-    print_table(rows, base)
+    print_table(rows)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "memory" + ("_quick" if a.quick else "")
-    meta = {"baseline": base, "lr": a.lr, "reserve": RESERVE,
+    stem = "memory_models" + ("_quick" if a.quick else "")
+    meta = {"machine": f"{os.cpu_count()} CPUs, {ram / GiB:.1f} GiB RAM (shared)",
+            "ram_bytes": ram, "batch": BATCH, "ctx": CTX, "reserve": RESERVE,
             "wall_s": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "python": sys.version.split()[0], "tree": tree_state()}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     print(f"\nwrote {out / (stem + '.json')}  ({meta['wall_s']:.0f} s)")
     if not a.no_png:
-        plot(rows, out / f"{stem}.png")
+        plot(rows, out / f"{stem}.png", ram)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,29 @@
 
 ``save`` writes every tensor of the model's state (sparse values, index arrays,
 reserve, floor, key, dense parameters and buffers) and of the optimizer's state
-into one safetensors file; configuration, optimizer hyper-parameters, the step
-count and versions go into the file's metadata as JSON. Loading parses no pickle
-and executes no code. ``load`` validates the whole file against the model (and
-optimizer) before changing anything, so a corrupt or mismatched file raises
-:class:`CheckpointError` and leaves both untouched.
+into one safetensors file; configurations (every ``_extra_state``, among them the
+SparseModel's step count and per-layer statistics), optimizer hyper-parameters and
+versions go into the file's metadata as JSON. Loading parses no pickle and
+executes no code.
+
+Memory: ``save`` hands safetensors pointers to the live tensors (no copy; only
+tensors that share storage are cloned). ``load`` streams: it reads one tensor at a
+time with ``pread`` (no memory map, whose touched pages would count as resident),
+in two passes over the file:
+
+1. validation: every tensor's checksum, shape and dtype, each sparse layer's
+   structure (``layer.validate_state`` with only that layer's tensors alive) and
+   the optimizer state are checked; nothing is changed, so a corrupt or
+   mismatched file raises :class:`CheckpointError` and leaves model and optimizer
+   untouched;
+2. apply: module by module (each module's own tensors only) through the
+   module's ``_load_from_state_dict``, then the optimizer, whose state tensors are
+   overwritten in place where they already exist.
+
+The transient is the largest module's tensors (about twice for a sparse layer,
+whose new structure is built next to the old one), never a second copy of the
+model. Checksums are verified again in the apply pass: a file changed between
+the passes raises CheckpointError (and may leave the model partly loaded).
 """
 from __future__ import annotations
 
@@ -14,16 +32,19 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ._version import __version__
 from .layers import TopKASTLinear
+from .state import TENSOR_NAMES
 
 FORMAT = "sparsecore-checkpoint"
 FORMAT_VERSION = 2
+_EXTRA = "_extra_state"
 
 
 class CheckpointError(ValueError):
@@ -33,7 +54,7 @@ class CheckpointError(ValueError):
 def _model_state(model: torch.nn.Module):
     tensors, configs = {}, {}
     for k, v in model.state_dict().items():
-        if k.endswith("_extra_state"):
+        if k.endswith(_EXTRA):
             configs[k] = v
         elif torch.is_tensor(v):
             tensors[k] = v
@@ -45,7 +66,7 @@ def _model_state(model: torch.nn.Module):
 def _jsonable(v, where):
     try:
         json.dumps(v)
-    except TypeError:
+    except (TypeError, ValueError):
         raise CheckpointError(f"{where} is not JSON-serialisable: {v!r}") from None
     return v
 
@@ -56,17 +77,20 @@ def _digest(t: torch.Tensor) -> str:
                            digest_size=16).hexdigest()
 
 
+# ====================================================================== save
+
 def save(model: torch.nn.Module, path, optimizer: torch.optim.Optimizer | None = None,
          extra: dict | None = None) -> None:
     """Write ``model`` (and ``optimizer``) to ``path`` atomically (temp file + rename).
-    ``extra`` is any JSON-serialisable dict, returned by :func:`load`."""
+    ``extra`` is any JSON-serialisable dict, returned by :func:`load`. The step
+    count travels in the SparseModel's own ``_extra_state`` config."""
     tensors, configs = _model_state(model)
     out = {f"model/{k}": v for k, v in tensors.items()}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "sparsecore": __version__, "torch": torch.__version__,
-              "model_class": type(model).__name__, "configs": configs,
-              "extra": _jsonable(extra, "extra") if extra is not None else None,
-              "step_count": getattr(model, "step_count", None)}
+              "model_class": type(model).__name__,
+              "configs": _jsonable(configs, "a module's extra state"),
+              "extra": _jsonable(extra, "extra") if extra is not None else None}
     if optimizer is not None:
         sd = optimizer.state_dict()
         scalars = {}
@@ -100,108 +124,237 @@ def save(model: torch.nn.Module, path, optimizer: torch.optim.Optimizer | None =
         raise
 
 
-def _read(path):
+# ====================================================================== load
+
+class _File:
+    """An open checkpoint: its header, and tensors read one at a time (checked
+    against their digests)."""
+
+    def __init__(self, handle, path):
+        self.f, self.path = handle, path
+        try:
+            meta = handle.metadata() or {}
+            self.names = set(handle.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise self.error(f"not a readable safetensors checkpoint ({e})") from None
+        try:
+            header = json.loads(meta["sparsecore"])
+        except (KeyError, TypeError, json.JSONDecodeError):
+            raise self.error("missing or corrupt sparsecore header") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise self.error("missing or corrupt sparsecore header (not a sparsecore "
+                             "checkpoint)")
+        version = header.get("format_version")
+        if version != FORMAT_VERSION:
+            raise self.error(f"checkpoint format version {version!r} is not supported: this "
+                             f"sparsecore ({__version__}) reads format version {FORMAT_VERSION} "
+                             "only (format 1 predates the SparseState layout and cannot be "
+                             "converted)")
+        digests = header.get("digests")
+        if not isinstance(digests, dict) or set(digests) != self.names:
+            raise self.error("tensor digests missing or not matching the tensors")
+        if not isinstance(header.get("configs", {}), dict):
+            raise self.error("corrupt sparsecore header (configs)")
+        self.header, self.digests = header, digests
+
+    def error(self, msg: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {msg}")
+
+    def meta(self, name: str):
+        """(shape, torch dtype name) of a stored tensor, without reading it."""
+        try:
+            s = self.f.get_slice(name)
+            return tuple(s.get_shape()), s.get_dtype()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise self.error(f"tensor {name!r} unreadable ({e})") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            t = self.f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise self.error(f"tensor {name!r} unreadable ({e})") from None
+        if _digest(t) != self.digests[name]:
+            raise self.error(f"tensor {name!r} is corrupt (checksum mismatch)")
+        return t
+
+
+@contextmanager
+def _open(path):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
     try:
-        tensors = load_file(os.fspath(path))
-        from safetensors import safe_open
-        with safe_open(os.fspath(path), "pt") as f:
-            meta = f.metadata() or {}
+        handle = safe_open(path, "pt", backend="pread")
     except (SafetensorError, OSError, ValueError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    try:
-        header = json.loads(meta["sparsecore"])
-    except (KeyError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: missing or corrupt sparsecore header") from None
-    if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported format {header.get('format')!r} "
-                              f"version {header.get('format_version')!r}")
-    digests = header.get("digests")
-    if not isinstance(digests, dict) or set(digests) != set(tensors):
-        raise CheckpointError(f"{path}: tensor digests missing or not matching the tensors")
-    for k, v in tensors.items():
-        if _digest(v) != digests[k]:
-            raise CheckpointError(f"{path}: tensor {k!r} is corrupt (checksum mismatch)")
-    return tensors, header
+    with handle as h:
+        yield _File(h, path)
 
 
-def _validate_model(model, tensors, header, path) -> dict:
-    sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    sd.update(header.get("configs", {}))
-    mine = model.state_dict()
-    missing = sorted(set(mine) - set(sd))
-    unexpected = sorted(set(sd) - set(mine))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: checkpoint is of another model: missing {missing[:8]}, "
-                              f"unexpected {unexpected[:8]}")
-    sparse_prefixes = []
-    for name, m in model.named_modules():
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                       torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
+
+
+def _same_meta(f: _File, name: str, like: torch.Tensor) -> bool:
+    shape, dtype = f.meta(name)
+    return shape == tuple(like.shape) and dtype == _SAFETENSORS_DTYPES.get(like.dtype, "?")
+
+
+def _modules(model):
+    """(prefix, module, own state keys) for every module, parents first; own keys
+    are those its ``_load_from_state_dict`` reads (sparse layers: their values,
+    bias and sparse-state tensors)."""
+    sd = model.state_dict()
+    keys = set(sd)
+    out = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
         if isinstance(m, TopKASTLinear):
-            prefix = f"{name}." if name else ""
-            sparse_prefixes.append(prefix)
-            try:
-                m.validate_state(sd, prefix)
-            except ValueError as e:
-                raise CheckpointError(f"{path}: {e}") from None
+            own = ["values", "bias", *TENSOR_NAMES]
+        else:
+            own = [n for n, _ in m.named_parameters(recurse=False, remove_duplicate=False)]
+            own += [n for n, _ in m.named_buffers(recurse=False, remove_duplicate=False)]
+        own = [prefix + n for n in [*own, _EXTRA] if prefix + n in keys]
+        out.append((prefix, m, own))
+    return out, sd
+
+
+def _validate_model(model, f: _File):
+    """Pass 1 for the model (reads every model tensor once, one at a time or one
+    sparse layer at a time). Returns the module plan and the state_dict metadata."""
+    plan, mine = _modules(model)
+    configs = f.header.get("configs", {})
+    theirs = {k[len("model/"):] for k in f.names if k.startswith("model/")} | set(configs)
+    missing, unexpected = sorted(set(mine) - theirs), sorted(theirs - set(mine))
+    if missing or unexpected:
+        raise f.error(f"checkpoint is of another model: missing {missing[:8]}, "
+                      f"unexpected {unexpected[:8]}")
     for k, v in mine.items():
-        if any(k.startswith(p) and "." not in k[len(p):] for p in sparse_prefixes):
+        if k.endswith(_EXTRA) and k not in configs:
+            raise f.error(f"{k} must be a config, not a tensor")
+        if not k.endswith(_EXTRA) and k in configs:
+            raise f.error(f"{k} must be a tensor, not a config")
+    if _EXTRA in configs and hasattr(model, "_opt_order"):
+        st = configs[_EXTRA]
+        if not isinstance(st, dict) or not isinstance(st.get("step_count", 0), (int, type(None))):
+            raise f.error(f"corrupt model extra state {st!r}")
+    for prefix, m, own in plan:
+        if isinstance(m, TopKASTLinear):
+            sub = {k: (configs[k] if k.endswith(_EXTRA) else f.get("model/" + k)) for k in own}
+            try:
+                m.validate_state(sub, prefix)       # builds (and drops) the new structure
+            except ValueError as e:
+                raise f.error(str(e)) from None
+            del sub
             continue
-        if torch.is_tensor(v) and (v.shape != sd[k].shape or v.dtype != sd[k].dtype):
-            raise CheckpointError(f"{path}: {k} has shape {tuple(sd[k].shape)} {sd[k].dtype}; "
-                                  f"the model has {tuple(v.shape)} {v.dtype}")
-    return sd
+        for k in own:
+            if k.endswith(_EXTRA):
+                continue
+            if not _same_meta(f, "model/" + k, mine[k]):
+                shape, dtype = f.meta("model/" + k)
+                raise f.error(f"{k} has shape {shape} {dtype}; the model has "
+                              f"{tuple(mine[k].shape)} {mine[k].dtype}")
+            f.get("model/" + k)                      # checksum
+    meta = getattr(mine, "_metadata", {})
+    return plan, meta
 
 
-def _validate_optimizer(optimizer, model_sd_after, tensors, header, path) -> dict:
-    info = header.get("optimizer")
+def _validate_optimizer(optimizer, f: _File) -> dict:
+    """Pass 1 for the optimizer. Returns {param id: {name: stored tensor name or
+    scalar}} and the saved param_groups."""
+    info = f.header.get("optimizer")
     if info is None:
-        raise CheckpointError(f"{path}: checkpoint holds no optimizer state")
-    if info["class"] != type(optimizer).__name__:
-        raise CheckpointError(f"{path}: optimizer state is for {info['class']}, "
-                              f"not {type(optimizer).__name__}")
-    groups = info["param_groups"]
+        raise f.error("checkpoint holds no optimizer state")
+    if not isinstance(info, dict) or info.get("class") != type(optimizer).__name__:
+        got = info.get("class") if isinstance(info, dict) else info
+        raise f.error(f"optimizer state is for {got}, not {type(optimizer).__name__}")
+    groups = info.get("param_groups")
     mine = optimizer.state_dict()["param_groups"]
-    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in mine]:
-        raise CheckpointError(f"{path}: optimizer parameter groups differ in size")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(
+            g.get("params"), list) for g in groups) or \
+            [len(g["params"]) for g in groups] != [len(g["params"]) for g in mine]:
+        raise f.error("optimizer parameter groups differ in size")
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    ids = [i for g in mine for i in g["params"]]
-    by_id = dict(zip(ids, params))
+    by_id = dict(zip([i for g in groups for i in g["params"]], params))
     state: dict = {}
-    for k, v in tensors.items():
-        if not k.startswith("optim/"):
-            continue
-        _, pid, name = k.split("/", 2)
-        state.setdefault(int(pid), {})[name] = v
-    for k, v in info["scalars"].items():
+    for k in f.names:
+        if k.startswith("optim/"):
+            _, pid, name = k.split("/", 2)
+            state.setdefault(int(pid), {})[name] = ("tensor", k)
+    for k, v in (info.get("scalars") or {}).items():
         pid, name = k.split("/", 1)
-        state.setdefault(int(pid), {})[name] = v
+        state.setdefault(int(pid), {})[name] = ("scalar", v)
     for pid, st in state.items():
         if pid not in by_id:
-            raise CheckpointError(f"{path}: optimizer state for unknown parameter {pid}")
+            raise f.error(f"optimizer state for unknown parameter {pid}")
         p = by_id[pid]
-        for name, v in st.items():
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
-                raise CheckpointError(f"{path}: optimizer state {name} of parameter {pid} has "
-                                      f"shape {tuple(v.shape)}; the parameter has {tuple(p.shape)}")
-    return {"state": state, "param_groups": groups}
+        for name, (kind, v) in st.items():
+            if kind != "tensor":
+                continue
+            shape, _ = f.meta(v)
+            if len(shape) > 0 and shape != tuple(p.shape):
+                raise f.error(f"optimizer state {name} of parameter {pid} has shape {shape}; "
+                              f"the parameter has {tuple(p.shape)}")
+            f.get(v)                                 # checksum
+    return {"state": state, "param_groups": groups, "by_id": by_id}
+
+
+def _apply_model(model, f: _File, plan, meta) -> None:
+    configs = f.header.get("configs", {})
+    errors: list = []
+    for prefix, m, own in plan:
+        if not own:
+            continue
+        local = {k: (configs[k] if k.endswith(_EXTRA) else f.get("model/" + k)) for k in own}
+        missing, unexpected = [], []
+        m._load_from_state_dict(local, prefix, meta.get(prefix[:-1], {}), True, missing,
+                                unexpected, errors)
+        del local
+        if errors or missing or unexpected:  # validated above: only a changed file gets here
+            raise f.error(f"loading {prefix or 'the model'} failed after validation (the model "
+                          f"may be partly loaded): {errors or missing or unexpected}")
+
+
+def _apply_optimizer(optimizer, f: _File, plan) -> None:
+    state = {}
+    for pid, st in plan["state"].items():
+        cur = optimizer.state.get(plan["by_id"][pid], {})
+        out = {}
+        for name, (kind, v) in st.items():
+            if kind == "scalar":
+                out[name] = v
+                continue
+            t = f.get(v)
+            old = cur.get(name)
+            if torch.is_tensor(old) and old.shape == t.shape and old.dtype == t.dtype:
+                old.copy_(t)                         # in place: no second copy of the state
+                t = old
+            out[name] = t
+        state[pid] = out
+    optimizer.load_state_dict({"state": state, "param_groups": plan["param_groups"]})
 
 
 def load(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
     """Load a checkpoint written by :func:`save` into ``model`` (and ``optimizer``).
     Everything is validated first; on any error nothing is changed. Returns the
-    ``extra`` dict given to :func:`save` (or None)."""
-    tensors, header = _read(path)
-    sd = _validate_model(model, tensors, header, path)
-    opt_sd = _validate_optimizer(optimizer, sd, tensors, header, path) if optimizer else None
-    model.load_state_dict(sd)
-    if opt_sd is not None:
-        optimizer.load_state_dict(opt_sd)
-    steps = header.get("step_count")
-    order = getattr(model, "_opt_order", None)
-    if steps is not None and order is not None:
-        # the schedule belongs to the first attached optimizer; before any attach the
-        # count is kept and applied by attach()
-        if not order or optimizer is None or order[0] == id(optimizer):
-            model.step_count = steps
-    return header.get("extra")
+    ``extra`` dict given to :func:`save` (or None).
+
+    The step count (in the SparseModel's extra state) belongs to the first
+    attached optimizer: it is restored when ``optimizer`` is that one, when no
+    optimizer is given, or when none is attached yet (then :meth:`attach` applies
+    it); loading another optimizer's checkpoint leaves it unchanged."""
+    with _open(path) as f:
+        plan, meta = _validate_model(model, f)
+        opt_plan = _validate_optimizer(optimizer, f) if optimizer is not None else None
+        order = getattr(model, "_opt_order", None)
+        keep_steps = (order and optimizer is not None and order[0] != id(optimizer))
+        steps_before = model.step_count if keep_steps else None
+        with torch.no_grad():
+            _apply_model(model, f, plan, meta)
+        if opt_plan is not None:
+            _apply_optimizer(optimizer, f, opt_plan)
+        if keep_steps:
+            model.step_count = steps_before
+        return f.header.get("extra")
