@@ -162,8 +162,9 @@ class SparseState:
     def from_tensors(cls, t: dict, *, in_features: int, out_features: int, k_a: int,
                      k_b: int, value_dtype: torch.dtype, where: str) -> "SparseState":
         """Validate ``t`` (as produced by :meth:`tensors`) against the layer's shape
-        and sizes and build a state from copies of it; raises ValueError naming
-        the bad entry. Nothing is shared with ``t``."""
+        and sizes and build a state from it; raises ValueError naming the bad entry.
+        The state may share memory with ``t`` (no copy: a load stays within its
+        memory bound); states never modify their tensors in place."""
         missing = [n for n in TENSOR_NAMES if n not in t]
         if missing:
             raise ValueError(f"{where}: sparse state is missing {missing}")
@@ -188,7 +189,7 @@ class SparseState:
         floor = float(t["floor"])
         if not floor >= 0:
             raise ValueError(f"{where}: floor {floor} is not >= 0")
-        cpu = {n: t[n].detach().cpu() for n in TENSOR_NAMES}
+        cpu = {n: t[n].detach().cpu().contiguous() for n in TENSOR_NAMES}
         for ip, cols, nm in (("a_indptr", "a_cols", "A"), ("x_indptr", "x_cols", "B minus A")):
             try:
                 check_csr(cpu[ip], cpu[cols], out_features, in_features, nm)
@@ -200,10 +201,8 @@ class SparseState:
         if bad:
             raise ValueError(f"{where}: {bad}")
         key = int(cpu["key"]) & 0xFFFFFFFFFFFFFFFF
-        return cls(in_features, out_features,
-                   cpu["a_indptr"].clone(), cpu["a_cols"].clone(), cpu["x_indptr"].clone(),
-                   cpu["x_cols"].clone(), cpu["reserve_idx"].clone(), cpu["reserve_val"].clone(),
-                   floor, key)
+        return cls(in_features, out_features, cpu["a_indptr"], cpu["a_cols"], cpu["x_indptr"],
+                   cpu["x_cols"], cpu["reserve_idx"], cpu["reserve_val"], floor, key)
 
 
 def empty_state(in_features: int, out_features: int, key: int, value_dtype) -> SparseState:
