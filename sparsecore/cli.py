@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 from torch.nn import functional as F
@@ -368,7 +369,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as e:
         raise CLIError(f"cannot join the distributed run: {e}") from None
     try:
-        return _cmd_train(c, stored)
+        with warnings.catch_warnings():
+            # the run's summary reports the reserve against its nominal size instead
+            warnings.filterwarnings("ignore", message=r".*the reserve holds",
+                                    category=RuntimeWarning)
+            return _cmd_train(c, stored)
     finally:
         if started and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -622,7 +627,7 @@ def _summary(model, opt, c, cfg, result, rss_before, seconds) -> dict:
                          batch=c["batch"])
     n_dense = plan["dense_equivalent_params"]
     s = OPTIMIZER_STATES[c["optimizer"]]
-    reserve = None
+    reserve = union_b = None
     if c["dense"]:
         stored = sum(p.numel() for p in model.parameters())
         state = dense_training_bytes(stored, optimizer_states=s)
@@ -634,6 +639,8 @@ def _summary(model, opt, c, cfg, result, rss_before, seconds) -> dict:
         rep = model.memory_report(opt)
         state = int(rep["total"])
         reserve = (int(rep["reserve"]), plan["sparsecore"]["reserve"])
+        tot = model.stats()["total"]
+        union_b = tot["ever_in_b"] / max(1, tot["nnz_b"])
     return {"run_dir": c["run_dir"], "steps": result["step"], "target_steps": c["steps"],
             "stopped_early": result["stopped_early"], "seconds": seconds,
             "train_seconds": result["seconds"], "tokens_per_s": result["tokens_per_s"],
@@ -642,6 +649,7 @@ def _summary(model, opt, c, cfg, result, rss_before, seconds) -> dict:
             "peak_rss": result["peak_rss"], "rss_before_model": rss_before,
             "rss_after_first_step": result["rss_after_first_step"],
             "state_bytes": state, "reserve_bytes_and_planned": reserve,
+            "union_of_b_over_k_b": union_b,
             "dense_adam_state_bytes": plan["dense"]["state"],
             "activations_estimate": plan["dense"]["activations"]}
 
@@ -666,7 +674,8 @@ def _print_summary(s: dict, run_dir: str) -> None:
     if s["reserve_bytes_and_planned"]:
         have, planned = s["reserve_bytes_and_planned"]
         print(f"        of which reserve {fmt_bytes(have)} (nominal {fmt_bytes(planned)}; it keeps "
-              "every coordinate that ever left B, see docs/design.md)")
+              "every trained coordinate that left B, see docs/design.md); union of B over "
+              f"the run: {s['union_of_b_over_k_b']:.2f} x K_B")
     print(f"        dense Adam model + optimizer state: {fmt_bytes(s['dense_adam_state_bytes'])}"
           f" (estimate); activations about {fmt_bytes(s['activations_estimate'])} for both")
     print(f"files: {os.path.join(run_dir, CHECKPOINT)}, {METRICS}, {PLOT}, {SUMMARY}")
