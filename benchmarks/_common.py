@@ -29,3 +29,10 @@ def pyplot():
         print("matplotlib not installed; no PNG")
         return None
     return plt
+
+
+def save_figure(fig, path) -> None:
+    """Lay out, write ``fig`` as a PNG at ``path`` and say so."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")

@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 import numpy as np  # noqa: E402
 
 import sparsecore as sc  # noqa: E402
-from _common import pyplot, tree_state  # noqa: E402
+from _common import pyplot, save_figure, tree_state  # noqa: E402
 from memory_profile import transformer  # noqa: E402
 from sparsecore import memory as M  # noqa: E402
 
@@ -161,9 +161,7 @@ def plot(runs, path):
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None):

@@ -60,7 +60,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import sparsecore as sc  # noqa: E402  (before torch: see the OpenMP note in docs)
 from sparsecore import kernels as _kernels  # noqa: E402
-from _common import pyplot, tree_state  # noqa: E402
+from _common import pyplot, save_figure, tree_state  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -404,9 +404,7 @@ def plot(results, path):
     ax.set_ylabel("sparse step time / dense step time")
     ax.set_title("Sparse step breakdown (fraction of a dense step)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None):

@@ -50,7 +50,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from _common import pyplot, tree_state  # noqa: E402
+from _common import pyplot, save_figure, tree_state  # noqa: E402
 from sparsecore import memory as M  # noqa: E402
 from sparsecore.topkast import sizes  # noqa: E402
 
@@ -396,9 +396,7 @@ def plot(rows, path, ram):
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("bytes")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def configs(quick: bool):

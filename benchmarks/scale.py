@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import memory_profile as mp  # noqa: E402
-from _common import pyplot, tree_state  # noqa: E402
+from _common import pyplot, save_figure, tree_state  # noqa: E402
 from sparsecore import memory as M  # noqa: E402
 
 LAYERS = 16
@@ -102,9 +102,7 @@ def plot(rows, path, ram):
     ax.set_title("Largest model trained per sparsity (build + AdamW step + refresh)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None):
