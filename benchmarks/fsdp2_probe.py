@@ -59,7 +59,6 @@ def run(rank, world, port):
     ok, _ = stage(rank, "forward + backward", lambda: nn.functional.mse_loss(model(x[rank*4:(rank+1)*4]), y[rank*4:(rank+1)*4]).backward())
     if ok:
         stage(rank, "values.grad after backward", lambda: f"{type(layer.values.grad).__name__} local {tuple(layer.values.grad.to_local().shape)}")
-        g_before = layer.values.grad.to_local().clone()
         stage(rank, "optimizer step (exploration pre-hook)", lambda: opt.step())
         from sparsecore.layers import _LAYER_OF
         stage(rank, "exploration registry still knows values", lambda: id(layer.values) in _LAYER_OF)

@@ -20,7 +20,6 @@ STEPS, EVERY, B = 7, 3, 8
 
 
 def _as_numpy(t, name):     # stand-in for the proposed kernels/cpu/_validate.as_numpy fix
-    import numpy as np
     if t.requires_grad:
         t = t.detach()
     return np.from_dlpack(t.contiguous())
