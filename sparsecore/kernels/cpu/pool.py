@@ -206,31 +206,43 @@ def trim_reserve(r_flat, r_val, untrained, floor):
     return keep
 
 
-@nb.njit(cache=True)
-def _disjoint_kernel(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, n_total):
-    """(code, position): 0 if A and X have strictly ascending columns in every row,
-    the reserve is strictly ascending in [0, n_total), and the three are disjoint;
-    else 1 (A unsorted), 2 (X unsorted), 3 (reserve unsorted or out of range),
-    4 (pieces overlap) and where."""
-    for i in range(r_flat.shape[0]):
+@nb.njit(parallel=True, cache=True)
+def _reserve_order_kernel(r_flat, n_total):
+    """Smallest position i where the reserve is not strictly ascending inside
+    [0, n_total), or len(r_flat) when it is."""
+    n = r_flat.shape[0]
+    first = n
+    for i in nb.prange(n):
         if r_flat[i] < 0 or r_flat[i] >= n_total or (i > 0 and r_flat[i] <= r_flat[i - 1]):
-            return 3, i
+            first = min(first, i)
+    return first
+
+
+@nb.njit(parallel=True, cache=True)
+def _rows_disjoint_kernel(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, codes, where):
+    """Per row (in parallel): codes[row] = 1 (A unsorted), 2 (X unsorted) or 4 (A, X
+    and the reserve overlap), with the position in ``where``; 0 when the row is fine.
+    The reserve must already be sorted (checked first)."""
     n_rows = a_indptr.shape[0] - 1
-    pr = 0
-    for row in range(n_rows):
-        for k in range(a_indptr[row] + 1, a_indptr[row + 1]):
-            if a_cols[k] <= a_cols[k - 1]:
-                return 1, k
-        for k in range(x_indptr[row] + 1, x_indptr[row + 1]):
-            if x_cols[k] <= x_cols[k - 1]:
-                return 2, k
+    for row in nb.prange(n_rows):
+        codes[row] = 0
         base = np.int64(row) * n_cols
+        bad = False
+        for k in range(a_indptr[row] + 1, a_indptr[row + 1]):
+            if not bad and a_cols[k] <= a_cols[k - 1]:
+                codes[row] = 1
+                where[row] = k
+                bad = True
+        for k in range(x_indptr[row] + 1, x_indptr[row + 1]):
+            if not bad and x_cols[k] <= x_cols[k - 1]:
+                codes[row] = 2
+                where[row] = k
+                bad = True
+        if bad:
+            continue
+        pr = np.searchsorted(r_flat, base)
         pa = a_indptr[row]
         px = x_indptr[row]
-        ea = a_indptr[row + 1]
-        ex = x_indptr[row + 1]
-        while pr < r_flat.shape[0] and r_flat[pr] < base:
-            pr += 1
         prev = np.int64(-1)
         while True:
             col, which = _next(n_cols, row, a_indptr, a_cols, pa, x_indptr, x_cols, px,
@@ -238,7 +250,9 @@ def _disjoint_kernel(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, n_total
             if which < 0:
                 break
             if col == prev:
-                return 4, base + col
+                codes[row] = 4
+                where[row] = base + col
+                break
             prev = col
             if which == 0:
                 pa += 1
@@ -246,16 +260,26 @@ def _disjoint_kernel(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, n_total
                 px += 1
             else:
                 pr += 1
-        if pa != ea or px != ex:  # pragma: no cover (the merge consumes both rows)
-            return 4, base
-    return 0, 0
 
 
 def check_disjoint(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, n_total) -> str:
-    """Empty string when the pool pieces are well formed (see
-    :func:`_disjoint_kernel`), else a message naming the problem."""
-    code, pos = _disjoint_kernel(np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols,
-                                 r_flat, np.int64(n_total))
+    """Empty string when the pool pieces are well formed (A and B minus A with
+    strictly ascending columns in every row, the reserve strictly ascending inside
+    [0, n_total), the three disjoint), else a message naming the first problem.
+    Parallel over rows."""
+    code, pos = 0, 0
+    bad_r = _reserve_order_kernel(r_flat, np.int64(n_total))
+    if bad_r < r_flat.shape[0]:
+        code, pos = 3, bad_r
+    else:
+        n_rows = a_indptr.shape[0] - 1
+        codes = np.empty(n_rows, np.int8)
+        where = np.zeros(n_rows, np.int64)
+        _rows_disjoint_kernel(np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols, r_flat,
+                              codes, where)
+        bad_rows = np.flatnonzero(codes)
+        if bad_rows.size:
+            code, pos = int(codes[bad_rows[0]]), int(where[bad_rows[0]])
     return {0: "", 1: f"A's columns are not strictly ascending within a row (entry {pos})",
             2: f"B minus A's columns are not strictly ascending within a row (entry {pos})",
             3: f"reserve indices are not sorted, unique and in [0, {n_total}) (entry {pos})",
