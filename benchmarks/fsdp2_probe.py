@@ -36,9 +36,9 @@ def run(rank, world, port):
     from torch.distributed.device_mesh import init_device_mesh
     warnings.simplefilter("ignore")
     if os.environ.get("DLPACK"):
-        from sparsecore.kernels.cpu import _validate
+        from sparsecore.kernels import _validate
         _validate.as_numpy.__code__ = _as_numpy.__code__
-        if rank == 0: print("(patched kernels/cpu/_validate.as_numpy to use np.from_dlpack)")
+        if rank == 0: print("(patched kernels/_validate.as_numpy to use np.from_dlpack)")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
     model = sc.SparseModel(net, forward_sparsity=0.7, backward_sparsity=0.4, refresh_every=2, verbose=False,

@@ -19,7 +19,7 @@ from torch import nn
 STEPS, EVERY, B = 7, 3, 8
 
 
-def _as_numpy(t, name):     # stand-in for the proposed kernels/cpu/_validate.as_numpy fix
+def _as_numpy(t, name):     # stand-in for the proposed kernels/_validate.as_numpy fix
     if t.requires_grad:
         t = t.detach()
     return np.from_dlpack(t.contiguous())
@@ -62,7 +62,7 @@ def run(rank, world, port):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
-    from sparsecore.kernels.cpu import _validate
+    from sparsecore.kernels import _validate
     _validate.as_numpy.__code__ = _as_numpy.__code__
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.device_mesh import init_device_mesh

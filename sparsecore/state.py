@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .kernels.cpu import spmm_t as _spmm_t
-from .kernels.cpu._validate import check_csr
+from .kernels._validate import check_csr
 from .kernels.cpu.pool import check_disjoint
 from .memory import INT32_MAX
 

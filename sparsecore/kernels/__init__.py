@@ -35,7 +35,7 @@ from .cpu import sddmm as _sddmm
 from .cpu import select as _select
 from .cpu import spmm as _spmm
 from .cpu import spmm_t as _spmm_t
-from .cpu._validate import as_numpy, check_csr, check_dense, check_float
+from ._validate import as_numpy, check_csr, check_dense, check_float
 
 __all__ = ["backend_name", "spmm", "spmm_t", "transpose_csr", "sddmm", "select_topk",
            "init_values", "scan"]

@@ -66,6 +66,8 @@ except ImportError as _e:  # pragma: no cover - exercised in a subprocess test
 
 import torch
 
+from ._validate import check_csr_content
+
 __all__ = ["INTERPRET", "row_order", "transpose_csr", "spmm", "spmm_t", "sddmm", "to_torch_csr",
            "spmm_torch_csr", "topk_threshold"]
 
@@ -225,25 +227,6 @@ def _check_act(t: torch.Tensor, name: str, rows: int | None = None) -> torch.Ten
     return t
 
 
-def _check_csr_content(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int,
-                       name: str) -> None:
-    """Value checks on a CSR structure (each costs a device sync on the GPU)."""
-    nnz = indices.numel()
-    if indptr.numel() == 0:
-        raise ValueError(f"{name} row pointers are empty; they need rows+1 >= 1 entries")
-    first, last = int(indptr[0]), int(indptr[-1])
-    if first != 0 or last != nnz:
-        raise ValueError(f"{name} row pointers must start at 0 and end at nnz={nnz}; "
-                         f"got {first} and {last}")
-    if indptr.numel() > 1 and bool((indptr[1:] < indptr[:-1]).any()):
-        raise ValueError(f"{name} row pointers must be non-decreasing")
-    if nnz:
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= n_cols:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"{name} column index {bad} is out of range [0, {n_cols})")
-
-
 def _check_order(order, n_rows: int, dev: torch.device, check: bool):
     if order is None:
         return None
@@ -316,7 +299,7 @@ def transpose_csr(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int, *,
     indptr = _check_index(indptr, "indptr")
     indices = _check_index(indices, "indices")
     if check:
-        _check_csr_content(indptr, indices, int(n_cols), "W")
+        check_csr_content(indptr, indices, int(n_cols), "W")
     dev = indices.device
     rows = indptr.numel() - 1
     lengths = (indptr[1:] - indptr[:-1]).to(torch.int64)
@@ -374,7 +357,7 @@ def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
     xt = _check_act(xt, "xt", rows=cols)
     rows = indptr.numel() - 1
     if check:
-        _check_csr_content(indptr, indices, cols, "W")
+        check_csr_content(indptr, indices, cols, "W")
     order = _check_order(row_order, rows, xt.device, check)
     return _rows_product(indptr, indices, None, values, xt, order, rows,
                          rows_per_program=rows_per_program, block_k=block_k,
@@ -399,7 +382,7 @@ def spmm_t(t_indptr: torch.Tensor, t_rows: torch.Tensor, t_perm: torch.Tensor,
     gt = _check_act(gt, "gt")
     n_in = t_indptr.numel() - 1
     if check:
-        _check_csr_content(t_indptr, t_rows, gt.shape[0], "W^T")
+        check_csr_content(t_indptr, t_rows, gt.shape[0], "W^T")
         if t_perm.numel() and (int(t_perm.min()) < 0 or int(t_perm.max()) >= values.numel()):
             raise IndexError(f"t_perm points outside values (length {values.numel()})")
     order = _check_order(row_order, n_in, gt.device, check)
@@ -460,7 +443,7 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: tor
                              f"got shape {tuple(out.shape)}, {out.dtype}, "
                              f"contiguous={out.is_contiguous()}")
     if check:
-        _check_csr_content(indptr, indices, xt.shape[0], "W")
+        check_csr_content(indptr, indices, xt.shape[0], "W")
     order = _check_order(row_order, rows, gt.device, check)
     if out is None:
         out = torch.empty(nnz, dtype=torch.float32, device=gt.device)

@@ -1,4 +1,4 @@
-"""Input checks shared by the public kernel entry points.
+"""Input checks shared by the public kernel entry points of every backend.
 
 The kernels themselves trust their inputs; these helpers turn user mistakes
 (wrong dtype, shape, out-of-range index) into exceptions that name the bad value.
@@ -39,11 +39,21 @@ def check_csr(indptr: torch.Tensor, indices: torch.Tensor, n_rows: int, n_cols: 
     if indptr.dim() != 1 or indptr.numel() != n_rows + 1:
         raise ValueError(f"{name} row pointers have shape {tuple(indptr.shape)}; "
                          f"expected ({n_rows + 1},) for {n_rows} rows")
+    check_csr_content(indptr, indices, n_cols, name)
+
+
+def check_csr_content(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int,
+                      name: str = "CSR") -> None:
+    """Value checks of a CSR structure on any device (torch ops; on a GPU each
+    costs a sync): row pointers from 0 to nnz, non-decreasing, columns in range."""
     nnz = indices.numel()
-    if int(indptr[0]) != 0 or int(indptr[-1]) != nnz:
+    if indptr.numel() == 0:
+        raise ValueError(f"{name} row pointers are empty; they need rows+1 >= 1 entries")
+    first, last = int(indptr[0]), int(indptr[-1])
+    if first != 0 or last != nnz:
         raise ValueError(f"{name} row pointers must start at 0 and end at nnz={nnz}; "
-                         f"got {int(indptr[0])} and {int(indptr[-1])}")
-    if n_rows > 0 and bool((indptr[1:] < indptr[:-1]).any()):
+                         f"got {first} and {last}")
+    if indptr.numel() > 1 and bool((indptr[1:] < indptr[:-1]).any()):
         raise ValueError(f"{name} row pointers must be non-decreasing")
     if nnz:
         lo, hi = int(indices.min()), int(indices.max())
