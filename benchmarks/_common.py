@@ -36,3 +36,18 @@ def save_figure(fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def reference_lines(ax, xs, ram_bytes: int) -> None:
+    """On a log-log plot of bytes against dense-equivalent parameters: dense Adam
+    training and masked-dense Top-KAST per parameter (from sparsecore.memory) and
+    the machine's RAM."""
+    from sparsecore.memory import dense_training_bytes, masked_dense_topkast_bytes
+    dense, masked = dense_training_bytes(1), masked_dense_topkast_bytes(1)
+    ax.plot(xs, [dense * x for x in xs], "k--", lw=1, label=f"dense Adam, {dense} B/param")
+    ax.plot(xs, [masked * x for x in xs], "k:", lw=1,
+            label=f"masked-dense Top-KAST, {masked} B/param")
+    ax.axhline(ram_bytes, color="r", lw=1.2, label=f"machine RAM ({ram_bytes / 2**30:.0f} GiB)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("dense-equivalent parameters")

@@ -50,7 +50,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from _common import pyplot, save_figure, tree_state  # noqa: E402
+from _common import pyplot, reference_lines, save_figure, tree_state  # noqa: E402
 from sparsecore import memory as M  # noqa: E402
 from sparsecore.topkast import sizes  # noqa: E402
 
@@ -385,13 +385,7 @@ def plot(rows, path, ram):
         if dn:
             ax.plot(*zip(*dn), "ks", ms=7, label="dense AdamW (measured peak)")
         xs = sorted({r["predicted"]["dense_equivalent"] for r in rows if r["family"] == family})
-        if xs:
-            ax.plot(xs, [16 * x for x in xs], "k--", lw=1, label="dense Adam, 16 B/param")
-            ax.plot(xs, [18 * x for x in xs], "k:", lw=1, label="masked-dense Top-KAST, 18 B/param")
-        ax.axhline(ram, color="r", lw=1.2, label=f"machine RAM ({ram / GiB:.0f} GiB)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("dense-equivalent parameters")
+        reference_lines(ax, xs, ram)
         ax.set_title(f"{family}: peak RSS over the phases (minus baseline)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("bytes")

@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import memory_profile as mp  # noqa: E402
-from _common import pyplot, save_figure, tree_state  # noqa: E402
+from _common import pyplot, reference_lines, save_figure, tree_state  # noqa: E402
 from sparsecore import memory as M  # noqa: E402
 
 LAYERS = 16
@@ -91,13 +91,7 @@ def plot(rows, path, ram):
         y = max(r["peaks"].values())
         ax.plot([x], [y], "s" if r["sparsity"] == "dense" else "o", ms=8,
                 label=f"{r['sparsity']}: {x:.2g} params, peak {y / mp.GiB:.1f} GiB")
-    xs = [1e8, 2e11]
-    ax.plot(xs, [16 * x for x in xs], "k--", lw=1, label="dense Adam, 16 B/param")
-    ax.plot(xs, [18 * x for x in xs], "k:", lw=1, label="masked-dense Top-KAST, 18 B/param")
-    ax.axhline(ram, color="r", lw=1.2, label=f"machine RAM ({ram / mp.GiB:.0f} GiB)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("dense-equivalent parameters")
+    reference_lines(ax, [1e8, 2e11], ram)
     ax.set_ylabel("peak RSS (minus baseline), bytes")
     ax.set_title("Largest model trained per sparsity (build + AdamW step + refresh)")
     ax.grid(True, which="both", alpha=0.3)

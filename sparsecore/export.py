@@ -68,11 +68,10 @@ class SparseLinearInference(nn.Module):
                              f"in_features={self.in_features}")
         if x.dtype != self.weight_values.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match {self.weight_values.dtype}")
-        lead = x.shape[:-1]
-        xt = x.reshape(-1, self.in_features).t().contiguous()
-        y = kernels.spmm(self.indptr, self.cols, self.weight_values, xt, check=False).t()
-        if self.bias is not None:
-            y = y + self.bias
+        lead = x.shape[:-1]   # row-major activations, bias fused: no transposed copies
+        y = kernels.spmm(self.indptr, self.cols, self.weight_values,
+                         x.reshape(-1, self.in_features), bias=self.bias, layout="row",
+                         check=False)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -142,7 +142,7 @@ class TopKASTLinear(nn.Module):
         self.init = init
         self.init_scale = float(init_scale) if init_scale is not None else 1.0 / math.sqrt(in_features)
         self.k_a, self.k_b = sizes(in_features, out_features, forward_sparsity, backward_sparsity)
-        check_index_range(in_features, out_features, self.k_a, name or type(self).__name__)
+        check_index_range(in_features, out_features, name or type(self).__name__)
         self.stats = {"refreshes": 0, "replenishes": 0, "changed_a": 0.0, "changed_b": 0.0,
                       "entered_a_from_outside_b": 0, "scanned_added": 0, "trimmed": 0,
                       "ever_in_b": self.k_b}
@@ -249,8 +249,7 @@ class TopKASTLinear(nn.Module):
             raise TypeError(f"{self._name()}: input dtype {x.dtype} does not match the layer's "
                             f"{dt}; cast the input, or run under torch.autocast to use "
                             "lower-precision activations")
-        bias = self.bias
-        y = topkast_linear(x, self.values, self._state, bias)
+        y = topkast_linear(x, self.values, self._state, self.bias)
         return y if out_dtype is None else y.to(out_dtype)
 
     def __getattr__(self, name: str):

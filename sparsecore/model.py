@@ -706,10 +706,8 @@ class SparseModel(nn.Module):
             rep["dense_gradients"] += b if p.requires_grad else 0
             rep["optimizer_state"] += opt_bytes(p) if p.requires_grad else 0
             dense_equiv += 4 * b if p.requires_grad else b
-        sparse_bufs = {id(getattr(l, b)) for l in sparse.values() for b, _ in l.named_buffers()}
-        for b in self.buffers():
-            if id(b) not in sparse_bufs:
-                rep["buffers"] += b.numel() * b.element_size()
+        for b in self.buffers():   # sparse layers hold no buffers (their state is not one)
+            rep["buffers"] += b.numel() * b.element_size()
         dense_equiv += rep["buffers"]
         return MemoryReport(rep, dense_equiv)
 

@@ -39,7 +39,7 @@ TENSOR_NAMES = ("a_indptr", "a_cols", "x_indptr", "x_cols", "reserve_idx", "rese
                 "floor", "key")
 
 
-def check_index_range(in_features: int, out_features: int, k_a: int, where: str) -> None:
+def check_index_range(in_features: int, out_features: int, where: str) -> None:
     """Raise if a dimension would overflow the int32 indices of the layout."""
     for nm, v in (("in_features", in_features), ("out_features", out_features)):
         if v > INT32_MAX:
