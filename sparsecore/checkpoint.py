@@ -72,8 +72,9 @@ def _jsonable(v, where):
 
 
 def _digest(t: torch.Tensor) -> str:
-    """blake2b of a tensor's bytes (detects silent corruption of tensor data)."""
-    return hashlib.blake2b(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy(),
+    """blake2b of a tensor's bytes (detects silent corruption of tensor data). A
+    tensor on another device is copied to the host, one tensor at a time."""
+    return hashlib.blake2b(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(),
                            digest_size=16).hexdigest()
 
 

@@ -536,3 +536,39 @@ def test_save_and_load_stream(tmp_path):
     assert r["save"] < 0.05 * steady + chunk, r                 # save copies nothing
     assert r["load_in_place"] < 0.25 * steady + chunk, r        # one layer, not a model
     assert r["fresh_build_and_load"] < 1.25 * steady + chunk, r
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda_is_bit_identical(tmp_path):
+    """A model and optimizer living on the GPU save (tensors are copied to the host
+    one at a time) and resume exactly; loading puts everything back on the GPU."""
+    def build():
+        torch.manual_seed(0)
+        model = sc.SparseModel(_net(), forward_sparsity=0.8, backward_sparsity=0.5,
+                               refresh_every=REFRESH_EVERY, exploration=0.3, seed=1).cuda()
+        opt = torch.optim.Adam(model.parameters(), lr=0.02)
+        model.attach(opt)
+        return model, opt
+
+    def train(model, opt, start, stop):
+        for step in range(start, stop):
+            x, t = (v.cuda() for v in _batch(step))
+            loss = nn.functional.mse_loss(model(x), t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    ref, ref_opt = build()
+    train(ref, ref_opt, 0, 8)
+    model, opt = build()
+    train(model, opt, 0, 4)
+    sc.save(model, tmp_path / "c.sparsecore", optimizer=opt)
+    resumed, ropt = build()
+    sc.load(tmp_path / "c.sparsecore", resumed, optimizer=ropt)
+    on_host = [k for k, t in resumed.state_dict().items()
+               if torch.is_tensor(t) and t.device.type != "cuda"]
+    assert all(k.endswith((".floor", ".key")) for k in on_host), on_host  # scalars
+    train(resumed, ropt, 4, 8)
+    _assert_models_equal(_model_state(ref), _model_state(resumed))
+    _assert_opts_equal(_opt_state(ref_opt), _opt_state(ropt))
