@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from ._version import __version__
 from .layers import TopKASTLinear
-from .state import TENSOR_NAMES
+from .state import OPTIONAL_NAMES, TENSOR_NAMES
 
 FORMAT = "sparsecore-checkpoint"
 FORMAT_VERSION = 2
@@ -74,8 +74,9 @@ def _jsonable(v, where):
 def _digest(t: torch.Tensor) -> str:
     """blake2b of a tensor's bytes (detects silent corruption of tensor data). A
     tensor on another device is copied to the host, one tensor at a time."""
-    return hashlib.blake2b(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(),
-                           digest_size=16).hexdigest()
+    data = t.detach().cpu().contiguous().reshape(-1)
+    data = data.view(torch.uint8).numpy() if data.numel() else b""   # empty: stride may be 0
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 # ====================================================================== save
@@ -229,6 +230,8 @@ def _validate_model(model, f: _File):
     configs = f.header.get("configs", {})
     theirs = {k[len("model/"):] for k in f.names if k.startswith("model/")} | set(configs)
     missing, unexpected = sorted(set(mine) - theirs), sorted(theirs - set(mine))
+    # checkpoints from before the cold tier have no cold entries: an empty store
+    missing = [k for k in missing if not k.endswith(tuple("." + n for n in OPTIONAL_NAMES))]
     if missing or unexpected:
         raise f.error(f"checkpoint is of another model: missing {missing[:8]}, "
                       f"unexpected {unexpected[:8]}")
@@ -243,7 +246,8 @@ def _validate_model(model, f: _File):
             raise f.error(f"corrupt model extra state {st!r}")
     for prefix, m, own in plan:
         if isinstance(m, TopKASTLinear):
-            sub = {k: (configs[k] if k.endswith(_EXTRA) else f.get("model/" + k)) for k in own}
+            sub = {k: (configs[k] if k.endswith(_EXTRA) else f.get("model/" + k)) for k in own
+                   if k.endswith(_EXTRA) or "model/" + k in f.names}
             try:
                 m.validate_state(sub, prefix)       # builds (and drops) the new structure
             except ValueError as e:
@@ -308,7 +312,8 @@ def _apply_model(model, f: _File, plan, meta) -> None:
     for prefix, m, own in plan:
         if not own:
             continue
-        local = {k: (configs[k] if k.endswith(_EXTRA) else f.get("model/" + k)) for k in own}
+        local = {k: (configs[k] if k.endswith(_EXTRA) else f.get("model/" + k)) for k in own
+                 if k.endswith(_EXTRA) or "model/" + k in f.names}
         missing, unexpected = [], []
         m._load_from_state_dict(local, prefix, meta.get(prefix[:-1], {}), True, missing,
                                 unexpected, errors)

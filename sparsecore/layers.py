@@ -7,7 +7,7 @@ rest of its sparse structure as one immutable :class:`~sparsecore.state.SparseSt
 from __future__ import annotations
 
 import math
-import warnings
+import os
 import weakref
 from collections import OrderedDict
 
@@ -20,7 +20,8 @@ from . import kernels
 from .functional import topkast_linear
 from .kernels.cpu import init as _init
 from .kernels.cpu import pool as _pool
-from .state import SparseState, TENSOR_NAMES, check_index_range, empty_state
+from .state import (OPTIONAL_NAMES, SparseState, TENSOR_NAMES, check_index_range,
+                    empty_state)
 from .topkast import InitSpec, RefreshError, layer_key, refresh as _refresh, sizes
 
 DEFAULT_RESERVE = 0.25
@@ -56,7 +57,6 @@ def _optimizers(optimizer) -> list:
 # Keyed by id(values) (tensors compare elementwise, so they make poor dict keys);
 # an entry counts only while its layer is alive and still owns that Parameter.
 _LAYER_OF: dict[int, weakref.ref] = {}
-_NOTICES = {"reserve": False}   # notices shown once per process
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
@@ -101,7 +101,13 @@ class TopKASTLinear(nn.Module):
             lambda*theta/D on B minus A, with D = 1 - S_f).
         seed, name: the layer key is derived from both (SparseModel passes the
             qualified module name), so the same seed rebuilds the same layer.
-        reserve: extra pool entries kept beyond B, as a fraction of K_B (>= 0).
+        reserve: extra pool entries kept beyond B, as a fraction of K_B (>= 0). When
+            the reserve would exceed (reserve + 0.25) K_B it is cut back to
+            reserve K_B: untrained entries are dropped and trained ones move to
+            the cold store on disk, both exactly (see :mod:`sparsecore.spill`).
+        spill_dir: directory of the cold store's files (default
+            ``$SPARSECORE_SPILL_DIR``, else a per-process temporary directory);
+            settable later as the ``spill_dir`` attribute.
         init: "uniform" (nn.Linear's U(-1/sqrt(in), 1/sqrt(in))) or "normal"
             (N(0, 1/in)); ``init_scale`` overrides the bound / std.
         device, dtype: CPU only for now; float32 (default) or float64.
@@ -114,7 +120,7 @@ class TopKASTLinear(nn.Module):
                  forward_sparsity: float, backward_sparsity: float,
                  exploration: float = 1e-4, seed: int = 0, reserve: float = DEFAULT_RESERVE,
                  init: str = "uniform", init_scale: float | None = None,
-                 device=None, dtype=None, name: str = ""):
+                 device=None, dtype=None, name: str = "", spill_dir: str | None = None):
         super().__init__()
         self._refresh_hooks: "OrderedDict[int, object]" = OrderedDict()  # weakref-able
         self._optimizers_seen: dict[int, weakref.ref] = {}  # optimizers that stepped values
@@ -139,13 +145,14 @@ class TopKASTLinear(nn.Module):
         self.backward_sparsity = float(backward_sparsity)
         self.exploration = float(exploration)
         self.reserve = float(reserve)
+        self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
         self.init = init
         self.init_scale = float(init_scale) if init_scale is not None else 1.0 / math.sqrt(in_features)
         self.k_a, self.k_b = sizes(in_features, out_features, forward_sparsity, backward_sparsity)
         check_index_range(in_features, out_features, name or type(self).__name__)
         self.stats = {"refreshes": 0, "replenishes": 0, "changed_a": 0.0, "changed_b": 0.0,
                       "entered_a_from_outside_b": 0, "scanned_added": 0, "trimmed": 0,
-                      "ever_in_b": self.k_b}
+                      "spilled": 0, "unspilled": 0, "ever_in_b": self.k_b}
 
         with torch.device("cpu"):  # a surrounding `with torch.device("meta")` must not leak in
             self._build(dtype, bias, seed, name)   # the streaming build runs on the host
@@ -160,7 +167,8 @@ class TopKASTLinear(nn.Module):
         res = _refresh(start, np.empty(0, np_dtype), k_a=self.k_a, k_b=self.k_b,
                        reserve_target=self._reserve_target(), reserve_cap=self._reserve_cap(),
                        spec=InitSpec(key, _init.KINDS[self.init], self.init_scale, np_dtype),
-                       name=name or type(self).__name__, want_src=False)
+                       name=name or type(self).__name__, want_src=False,
+                       spill_dir=self.spill_dir)
         self.values = nn.Parameter(torch.from_numpy(res.values))
         self._register()
         self.bias = nn.Parameter(self._init_bias(dtype, key)) if bias else None
@@ -309,6 +317,8 @@ class TopKASTLinear(nn.Module):
             dense = torch.from_numpy(_init.init_values(spec.key, np.arange(self.n_total),
                                                        spec.kind, spec.param, spec.dtype))
             dense[st.reserve_idx.cpu()] = st.reserve_val.cpu()
+            for f, val in st.cold.chunks():
+                dense[torch.from_numpy(f)] = torch.from_numpy(val)
             dense[torch.from_numpy(st.a_flat())] = v[: self.k_a]
             dense[torch.from_numpy(st.x_flat())] = v[self.k_a:]
         return dense.view(self.out_features, self.in_features)
@@ -342,7 +352,8 @@ class TopKASTLinear(nn.Module):
         dev = self.values.device   # the refresh runs on the host (Numba), see docs/gpu.md
         res = _refresh(self._state.to("cpu"), self.values.detach().cpu().numpy(),
                        k_a=self.k_a, k_b=self.k_b, reserve_target=self._reserve_target(),
-                       reserve_cap=self._reserve_cap(), spec=self._spec(), name=where)
+                       reserve_cap=self._reserve_cap(), spec=self._spec(), name=where,
+                       spill_dir=self.spill_dir)
         remap = [t for opt in given for t in (opt.state.get(self.values) or {}).values()
                  if torch.is_tensor(t) and t.shape == self.values.shape]
         if self.values.grad is not None:
@@ -380,20 +391,13 @@ class TopKASTLinear(nn.Module):
         s["replenishes"] += info["replenished"]
         s["scanned_added"] += info["scanned_added"]
         s["trimmed"] += info["trimmed"]
+        s["spilled"] = self._state.cold.n
+        s["unspilled"] += info["unspilled"]
         s["changed_a"], s["changed_b"] = info["changed_a"], info["changed_b"]
         s["entered_a_from_outside_b"] += info["entered_a_from_outside_b"]
         # every coordinate that was ever in B is in B now or, trained, in the reserve
-        s["ever_in_b"] = self.k_b + info["trained_in_reserve"]
-        if self._state.n_reserve > self._reserve_cap() and not _NOTICES["reserve"]:
-            _NOTICES["reserve"] = True
-            warnings.warn(
-                f"{where}: the reserve holds {self._state.n_reserve} entries "
-                f"({self._state.n_reserve / self.k_b:.2f} x K_B), above its cap of "
-                f"{self._reserve_cap()}: {info['trained_in_reserve']} of them are trained "
-                "coordinates that left B, which exactness must keep, so memory grows with "
-                "the union of B over training (stats()['total']['ever_in_b']; a disk tier "
-                "for them is not implemented yet). Shown once per process.",
-                RuntimeWarning, stacklevel=2)
+        # or the cold store
+        s["ever_in_b"] = self.k_b + info["trained_in_reserve"] + self._state.cold.n
         return info
 
     def register_refresh_hook(self, hook) -> RemovableHandle:
@@ -441,7 +445,8 @@ class TopKASTLinear(nn.Module):
         Raises ValueError naming the bad entry."""
         where = prefix or self._name()
         need = ["values", "_extra_state"] + (["bias"] if self.bias is not None else [])
-        missing = [prefix + n for n in need + list(TENSOR_NAMES) if prefix + n not in state]
+        missing = [prefix + n for n in need + list(TENSOR_NAMES)
+                   if prefix + n not in state and n not in OPTIONAL_NAMES]
         if missing:
             raise ValueError(f"{where}: state is missing {missing}")
         cfg = state[prefix + "_extra_state"]
@@ -464,9 +469,10 @@ class TopKASTLinear(nn.Module):
                 raise ValueError(f"{where}: values contains NaN or Inf")
             out[n] = t
         out["sparse"] = SparseState.from_tensors(
-            {n: state[prefix + n] for n in TENSOR_NAMES}, in_features=self.in_features,
+            {n: state[prefix + n] for n in TENSOR_NAMES if prefix + n in state},
+            in_features=self.in_features,
             out_features=self.out_features, k_a=self.k_a, k_b=self.k_b, value_dtype=dt,
-            where=where)
+            where=where, spill_dir=self.spill_dir)
         out["stats"] = cfg.get("stats")
         return out
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import re
 import sys
 import warnings
@@ -217,6 +218,9 @@ class SparseModel(nn.Module):
             matching pattern wins.
         init_fn: ``callable(module)`` that initialises, in place, the tensors a
             module directly owns (tried first for every module with meta tensors).
+        spill_dir: directory for the sparse layers' cold stores (trained coordinates
+            that left the RAM pool, on disk; see :mod:`sparsecore.spill`). Default
+            ``$SPARSECORE_SPILL_DIR``, else a per-process temporary directory.
         verbose: print :meth:`summary` (compact) after construction.
         check_distributed: when torch.distributed is initialised with several ranks,
             verify at :meth:`attach` and after every refresh that all ranks hold the
@@ -238,7 +242,7 @@ class SparseModel(nn.Module):
                  exclude: Iterable[str] = (), untie: Iterable[str] = (),
                  overrides: Mapping[str, Mapping] | None = None,
                  init_fn: Callable[[nn.Module], None] | None = None, verbose: bool = True,
-                 check_distributed: bool = True):
+                 check_distributed: bool = True, spill_dir: str | os.PathLike | None = None):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -325,6 +329,9 @@ class SparseModel(nn.Module):
                           f"initialisation (seed={self.seed}), not from those weights. Build "
                           f"the model under torch.device('meta') to never allocate them.",
                           UserWarning, stacklevel=2)
+        if spill_dir is not None:
+            for layer in self.sparse_layers().values():
+                layer.spill_dir = os.fspath(spill_dir)
         if verbose:
             print(self.summary())
 
@@ -651,7 +658,9 @@ class SparseModel(nn.Module):
         """Per layer and total: nnz of A/B/pool, fraction of A and B changed at the
         last refresh, cumulative coordinates that entered A from outside B, the size
         of the union of B over training so far (``ever_in_b``), reserve entries
-        trimmed, replenishing scans and refreshes."""
+        dropped (``trimmed``, untrained), entries in the cold store on disk now
+        (``spilled``) and read back from it so far (``unspilled``), replenishing scans
+        and refreshes."""
         per = {}
         for n, l in self.sparse_layers().items():
             s = l.stats
@@ -660,10 +669,12 @@ class SparseModel(nn.Module):
                       "changed_b": s["changed_b"],
                       "entered_a_from_outside_b": s["entered_a_from_outside_b"],
                       "replenishes": s["replenishes"], "refreshes": s["refreshes"],
-                      "ever_in_b": s["ever_in_b"], "trimmed": s["trimmed"]}
+                      "ever_in_b": s["ever_in_b"], "trimmed": s["trimmed"],
+                      "spilled": s["spilled"], "unspilled": s["unspilled"]}
         tot = {k: sum(p[k] for p in per.values())
                for k in ("nnz_a", "nnz_b", "pool", "dense_equivalent",
-                         "entered_a_from_outside_b", "replenishes", "ever_in_b", "trimmed")}
+                         "entered_a_from_outside_b", "replenishes", "ever_in_b", "trimmed",
+                         "spilled", "unspilled")}
         tot["changed_a"] = (sum(p["changed_a"] * p["nnz_a"] for p in per.values())
                             / max(1, tot["nnz_a"]))
         tot["changed_b"] = (sum(p["changed_b"] * p["nnz_b"] for p in per.values())
@@ -681,7 +692,7 @@ class SparseModel(nn.Module):
         sparse_params = {id(l.values) for l in sparse.values()}
         rep = dict.fromkeys(("values", "gradients", "indices", "reserve", "optimizer_state",
                              "dense_parameters", "dense_gradients", "buffers"), 0)
-        dense_equiv = 0
+        dense_equiv = spilled = 0
 
         def opt_bytes(p):
             if optimizer is None:
@@ -696,6 +707,7 @@ class SparseModel(nn.Module):
             nb = l.sparse_state.nbytes()
             rep["indices"] += nb["indices"]
             rep["reserve"] += nb["reserve"]
+            spilled += nb["spilled"]
             rep["optimizer_state"] += opt_bytes(l.values)
             dense_equiv += 4 * l.n_total * es
         for p in self.parameters():
@@ -709,7 +721,7 @@ class SparseModel(nn.Module):
         for b in self.buffers():   # sparse layers hold no buffers (their state is not one)
             rep["buffers"] += b.numel() * b.element_size()
         dense_equiv += rep["buffers"]
-        return MemoryReport(rep, dense_equiv)
+        return MemoryReport(rep, dense_equiv, off_ram={"spilled": spilled})
 
 
 # ---------------------------------------------------------------- helpers after the swap

@@ -11,8 +11,11 @@ other piece of its sparse structure lives here:
   int32 while K_A < 2^31) used by the input-gradient product;
 * the reserve: further candidates with their exact current values (sorted int64
   flat indices + values in the layer's dtype);
-* the floor (every coordinate outside the pool still holds theta0 and has
-  |theta0| < floor) and the 64-bit layer key of theta0.
+* the cold store (:mod:`sparsecore.spill`): trained coordinates that left the
+  RAM pool, with their exact values, on disk;
+* the floor (every coordinate outside the pool and the cold store still holds
+  theta0 and has |theta0| < floor; every cold value is below it too) and the
+  64-bit layer key of theta0.
 
 A refresh never mutates a state: :mod:`sparsecore.topkast` builds a new one and
 the layer installs it with one assignment. Index tensors and the floor are never
@@ -31,12 +34,14 @@ import torch
 
 from .kernels.cpu import spmm_t as _spmm_t
 from .kernels._validate import check_csr
-from .kernels.cpu.pool import check_disjoint
+from .kernels.cpu.pool import check_cold, check_disjoint
 from .memory import INT32_MAX
+from . import spill as _spill
 
-# names of the persistent tensors in a state_dict, under the layer's prefix + "sparse."
+# names of the persistent tensors in a state_dict, under the layer's prefix
 TENSOR_NAMES = ("a_indptr", "a_cols", "x_indptr", "x_cols", "reserve_idx", "reserve_val",
-                "floor", "key")
+                "floor", "key", "cold_idx", "cold_val")
+OPTIONAL_NAMES = ("cold_idx", "cold_val")   # absent in checkpoints written before the cold tier
 
 
 def check_index_range(in_features: int, out_features: int, where: str) -> None:
@@ -84,11 +89,15 @@ class SparseState:
     reserve_val: torch.Tensor
     floor: float
     key: int                      # unsigned 64-bit
+    cold: _spill.ColdStore = field(default=None, repr=False)   # None: empty
     at_indptr: torch.Tensor = field(default=None, repr=False)
     at_rows: torch.Tensor = field(default=None, repr=False)
     at_perm: torch.Tensor = field(default=None, repr=False)
 
     def __post_init__(self):
+        if self.cold is None:
+            object.__setattr__(self, "cold", _spill.ColdStore.empty(
+                torch.empty(0, dtype=self.reserve_val.dtype).numpy().dtype))
         if self.at_indptr is None:  # derive the transpose (CPU; moved with the rest)
             at = _transpose(self.a_indptr.cpu(), self.a_cols.cpu(), self.in_features)
             dev = self.a_indptr.device
@@ -117,11 +126,13 @@ class SparseState:
                 self.at_indptr, self.at_rows, self.at_perm)
 
     def nbytes(self) -> dict:
-        """Bytes held, by kind: ``indices`` (CSR of A, X and A^T) and ``reserve``."""
+        """Bytes held, by kind: ``indices`` (CSR of A, X and A^T) and ``reserve`` in
+        memory, ``spilled`` (the cold store) on disk."""
         def b(t):
             return t.numel() * t.element_size()
         return {"indices": sum(b(t) for t in self.index_tensors()),
-                "reserve": b(self.reserve_idx) + b(self.reserve_val)}
+                "reserve": b(self.reserve_idx) + b(self.reserve_val),
+                "spilled": self.cold.nbytes}
 
     # ----------------------------------------------------------- flat indices
     def a_flat(self) -> np.ndarray:
@@ -146,6 +157,8 @@ class SparseState:
                  ("a_indptr", "a_cols", "x_indptr", "x_cols", "reserve_idx",
                   "at_indptr", "at_rows", "at_perm")}
         moved["reserve_val"] = self.reserve_val.to(device=dev, dtype=vdt)
+        if vdt != self.reserve_val.dtype:
+            moved["cold"] = _spill.cast(self.cold, moved["reserve_val"].cpu().numpy().dtype)
         return replace(self, **moved)
 
     # ------------------------------------------------------------ state_dict
@@ -156,18 +169,27 @@ class SparseState:
                 "x_indptr": self.x_indptr, "x_cols": self.x_cols,
                 "reserve_idx": self.reserve_idx, "reserve_val": self.reserve_val,
                 "floor": torch.tensor(self.floor, dtype=torch.float64),
-                "key": torch.tensor(signed, dtype=torch.int64)}
+                "key": torch.tensor(signed, dtype=torch.int64),
+                # memory-mapped (copy-on-write): exported without reading the disk tier
+                **{n: torch.from_numpy(a) if a.size else torch.empty(0, dtype=dt)
+                   for n, a, dt in zip(("cold_idx", "cold_val"), self.cold.mapped(),
+                                       (torch.int64, self.reserve_val.dtype))}}
 
     @classmethod
     def from_tensors(cls, t: dict, *, in_features: int, out_features: int, k_a: int,
-                     k_b: int, value_dtype: torch.dtype, where: str) -> "SparseState":
+                     k_b: int, value_dtype: torch.dtype, where: str,
+                     spill_dir: str | None = None) -> "SparseState":
         """Validate ``t`` (as produced by :meth:`tensors`) against the layer's shape
         and sizes and build a state from it; raises ValueError naming the bad entry.
         The state may share memory with ``t`` (no copy: a load stays within its
-        memory bound); states never modify their tensors in place."""
-        missing = [n for n in TENSOR_NAMES if n not in t]
+        memory bound); states never modify their tensors in place. Cold entries
+        (optional) are written to a new cold store in ``spill_dir``."""
+        missing = [n for n in TENSOR_NAMES if n not in t and n not in OPTIONAL_NAMES]
         if missing:
             raise ValueError(f"{where}: sparse state is missing {missing}")
+        t = dict(t)
+        for n, dt in zip(OPTIONAL_NAMES, (torch.int64, value_dtype)):
+            t.setdefault(n, torch.empty(0, dtype=dt))
         for n in TENSOR_NAMES:
             if not torch.is_tensor(t[n]):
                 raise ValueError(f"{where}: {n} is not a tensor")
@@ -175,17 +197,19 @@ class SparseState:
                   "x_indptr": ((out_features + 1,), torch.int64),
                   "a_cols": ((k_a,), torch.int32), "x_cols": ((k_b - k_a,), torch.int32),
                   "floor": ((), torch.float64), "key": ((), torch.int64),
-                  "reserve_idx": (None, torch.int64), "reserve_val": (None, value_dtype)}
+                  "reserve_idx": (None, torch.int64), "reserve_val": (None, value_dtype),
+                  "cold_idx": (None, torch.int64), "cold_val": (None, value_dtype)}
         for n, (shape, dtype) in expect.items():
             v = t[n]
             if v.dtype != dtype or (shape is not None and tuple(v.shape) != shape) \
                     or (shape is None and v.dim() != 1):
                 raise ValueError(f"{where}: {n} has shape {tuple(v.shape)} and dtype {v.dtype}; "
                                  f"expected {shape if shape is not None else '(any,)'} {dtype}")
-        if t["reserve_idx"].shape != t["reserve_val"].shape:
-            raise ValueError(f"{where}: reserve_idx and reserve_val differ in shape")
-        if not torch.isfinite(t["reserve_val"]).all():
-            raise ValueError(f"{where}: reserve_val contains NaN or Inf")
+        for i, v in (("reserve_idx", "reserve_val"), ("cold_idx", "cold_val")):
+            if t[i].shape != t[v].shape:
+                raise ValueError(f"{where}: {i} and {v} differ in shape")
+            if not torch.isfinite(t[v]).all():
+                raise ValueError(f"{where}: {v} contains NaN or Inf")
         floor = float(t["floor"])
         if not floor >= 0:
             raise ValueError(f"{where}: floor {floor} is not >= 0")
@@ -198,11 +222,18 @@ class SparseState:
         bad = check_disjoint(in_features, cpu["a_indptr"].numpy(), cpu["a_cols"].numpy(),
                              cpu["x_indptr"].numpy(), cpu["x_cols"].numpy(),
                              cpu["reserve_idx"].numpy(), in_features * out_features)
+        if not bad:
+            bad = check_cold(in_features, cpu["a_indptr"].numpy(), cpu["a_cols"].numpy(),
+                             cpu["x_indptr"].numpy(), cpu["x_cols"].numpy(),
+                             cpu["reserve_idx"].numpy(), cpu["cold_idx"].numpy(),
+                             cpu["cold_val"].numpy(), floor, in_features * out_features)
         if bad:
             raise ValueError(f"{where}: {bad}")
         key = int(cpu["key"]) & 0xFFFFFFFFFFFFFFFF
+        cold = _spill.from_arrays(cpu["cold_idx"].numpy(), cpu["cold_val"].numpy(),
+                                  spill_dir or _spill.default_dir())
         return cls(in_features, out_features, cpu["a_indptr"], cpu["a_cols"], cpu["x_indptr"],
-                   cpu["x_cols"], cpu["reserve_idx"], cpu["reserve_val"], floor, key)
+                   cpu["x_cols"], cpu["reserve_idx"], cpu["reserve_val"], floor, key, cold=cold)
 
 
 def empty_state(in_features: int, out_features: int, key: int, value_dtype) -> SparseState:

@@ -31,6 +31,7 @@ import torch
 from .kernels.cpu import init as _init
 from .kernels.cpu import pool as _pool
 from .kernels.cpu import select as _select
+from . import spill as _spill
 from .memory import INT32_MAX
 from .state import SparseState
 
@@ -106,13 +107,6 @@ def _count_trained(key, flat, val, kind, param, round32):
     return c
 
 
-@nb.njit(parallel=True, cache=True)
-def _untrained(key, flat, val, kind, param, round32, out):
-    """out[i] = val[i] still equals theta0(key, flat[i])."""
-    for i in nb.prange(flat.shape[0]):
-        out[i] = val[i] == _init._theta0(key, flat[i], kind, param, round32)
-
-
 _ALL = 1 << 62  # a cut above every flat index: all tied entries are taken
 
 
@@ -132,13 +126,17 @@ def _cut(pool_args: tuple, mask, t, n_taken: int, n_equal: int) -> int:
 
 def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
             reserve_target: int, reserve_cap: int | None = None, spec: InitSpec,
-            name: str = "layer", want_src: bool = True) -> Refresh:
+            name: str = "layer", want_src: bool = True, spill_dir: str | None = None
+            ) -> Refresh:
     """Exact Top-KAST refresh over the pool (see the module docstring).
 
     ``values`` is theta on the current B (A first, then X). With ``reserve_cap``,
-    a reserve larger than that is trimmed back towards ``reserve_target`` by
-    raising the floor over untrained entries (always exact). Raises
-    :class:`RefreshError` before computing anything if a value is NaN/Inf."""
+    a reserve that would exceed it keeps only its ``reserve_target`` largest
+    entries (plus ties) in RAM and the floor rises to their smallest magnitude;
+    entries below it leave RAM: those still equal to theta0 are dropped, trained
+    ones go to the cold store on disk (:mod:`sparsecore.spill`, in ``spill_dir``).
+    Both are exact. Raises :class:`RefreshError` before computing anything if a
+    value is NaN/Inf."""
     values = np.asarray(values)
     r_flat = state.reserve_idx.numpy()
     r_val = state.reserve_val.numpy()
@@ -152,10 +150,11 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
     a_indptr, a_cols = state.a_indptr.numpy(), state.a_cols.numpy()
     x_indptr, x_cols = state.x_indptr.numpy(), state.x_cols.numpy()
     dtype = values.dtype
+    cold = state.cold
     c_flat = np.empty(0, np.int64)
     c_val = np.empty(0, dtype)
     floor = state.floor
-    replenished = added = 0
+    replenished = added = unspilled = 0
     while True:
         pieces = [values, r_val, c_val]
         if sum(p.shape[0] for p in pieces) >= k_b:
@@ -164,24 +163,26 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
             kth = -math.inf
         if kth >= floor:
             break
-        # the pool cannot decide exactly: lower the floor and stream in the
-        # coordinates whose theta0 lies in the band [new floor, floor)
+        # the pool cannot decide exactly: lower the floor and bring in the coordinates
+        # whose magnitude lies in the band [new floor, floor): theta0 from a streaming
+        # scan (minus the pool and the cold store), trained values from the cold store
         have = (sum(_count_at_least(p, floor) for p in pieces) if math.isfinite(floor) else 0)
         new_floor = float(_scan_floor(floor, k_b + reserve_target - have, n_total, spec))
         new = _init.scan(spec.key, n_total, new_floor, spec.kind, spec.param,
                          dtype=spec.dtype, ceil=floor)
         m = _pool.dedupe_candidates(np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols,
                                    r_flat, new)
+        m, back_f, back_v = _spill.replenish_pass(cold, new[:m], new_floor, floor)
         new = new[:m]      # a view: copying would hold both at once
         new_val = _init.init_values(spec.key, new, spec.kind, spec.param, dtype)
+        if back_f.shape[0]:
+            new, new_val = _merged(new, new_val, back_f, back_v.astype(dtype, copy=False))
+            unspilled += back_f.shape[0]
         if c_flat.shape[0]:
-            fo = np.empty(c_flat.shape[0] + m, np.int64)
-            vo = np.empty(fo.shape[0], dtype)
-            _pool.merge_sorted(c_flat, c_val, new, new_val, fo, vo)
-            c_flat, c_val = fo, vo
+            c_flat, c_val = _merged(c_flat, c_val, new, new_val)
         else:
             c_flat, c_val = new, new_val
-        del new, new_val
+        del new, new_val, back_f, back_v
         floor = new_floor
         replenished += 1
         added += int(m)
@@ -191,35 +192,59 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
     ckeys = _select._as_keys(c_val)[0]
     pool_args = (np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols, values, vkeys,
                  r_flat, r_val, rkeys, c_flat, c_val, ckeys)
-    t_b, n_b, _, eq_b = _select.topk_threshold([values, r_val, c_val], k_b)
-    t_a, n_a, _, eq_a = _select.topk_threshold([values, r_val, c_val], k_a)
+    pieces = [values, r_val, c_val]
+    t_b, n_b, _, eq_b = _select.topk_threshold(pieces, k_b)
+    t_a, n_a, _, eq_a = _select.topk_threshold(pieces, k_a)
     cut_b = _cut(pool_args, mask, t_b, n_b, eq_b)
     cut_a = _cut(pool_args, mask, t_a, n_a, eq_a)
 
     n_pool = values.shape[0] + r_flat.shape[0] + c_flat.shape[0]
+    n_res = n_pool - k_b
+    floor_read = floor    # every cold entry at or above it was read back into the pool
+    t_r = mask.dtype.type(0)          # no key is below 0: everything stays in RAM
+    if reserve_cap is not None and n_res > reserve_cap:
+        # keep the reserve_target largest non-B entries and every entry tied with
+        # the smallest of them; the floor rises to that magnitude
+        t_r, n_r, _, eq_r = _select.topk_threshold(pieces, k_b + reserve_target)
+        n_res = reserve_target - n_r + eq_r
+        floor = max(floor, float(np.array([t_r], mask.dtype).view(dtype)[0]))
     na_indptr = np.empty(n_rows + 1, np.int64)
     nx_indptr = np.empty(n_rows + 1, np.int64)
     na_cols = np.empty(k_a, np.int32)
     nx_cols = np.empty(k_b - k_a, np.int32)
     nvals = np.empty(k_b, dtype)
     src = np.empty(k_b if want_src else 0, np.int32 if k_b <= INT32_MAX else np.int64)
-    nr_flat = np.empty(n_pool - k_b, np.int64)
-    nr_val = np.empty(n_pool - k_b, dtype)
-    _pool.split_rows(*pool_args, mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b),
-                     na_indptr, na_cols, nx_indptr, nx_cols, nvals, src, nr_flat, nr_val)
-    del c_flat, c_val
-    trimmed = 0
-    if reserve_cap is not None and nr_flat.shape[0] > reserve_cap:
-        nr_flat, nr_val, floor, trimmed = _trim(nr_flat, nr_val, floor,
-                                                nr_flat.shape[0] - reserve_target,
-                                                reserve_target // 2, spec)
+    nr_flat = np.empty(n_res, np.int64)
+    nr_val = np.empty(n_res, dtype)
+    sp_n = min(_spill.CHUNK, n_pool - k_b - n_res)
+    sp_flat, sp_val = np.empty(sp_n, np.int64), np.empty(sp_n, dtype)
+    cur = np.zeros(10, np.int64)
+    writer = None
+    key_u = _init.key_to_uint64(spec.key)
+    directory = spill_dir or _spill.default_dir()
+    while True:
+        ns = _pool.split_rows(*pool_args, mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b), t_r,
+                              key_u, spec.kind, spec.param, spec.dtype == np.float32,
+                              na_indptr, na_cols, nx_indptr, nx_cols, nvals, src, nr_flat,
+                              nr_val, sp_flat, sp_val, cur)
+        if ns:
+            writer = writer or _spill.Writer(directory, dtype)
+            writer.write(sp_flat[:ns], sp_val[:ns])
+        if cur[0] == n_rows:
+            break
+    if cur[7] != n_res:
+        raise AssertionError(f"reserve size {cur[7]} != {n_res}")   # a bug, never user input
+    del c_flat, c_val, sp_flat, sp_val
+    spilled = writer.close() if writer is not None else _spill.ColdStore.empty(dtype)
+    new_cold = _spill.rewrite(cold, floor_read if unspilled else math.inf, spilled, directory)
     new_state = SparseState(n_cols, n_rows, torch.from_numpy(na_indptr),
                             torch.from_numpy(na_cols), torch.from_numpy(nx_indptr),
                             torch.from_numpy(nx_cols), torch.from_numpy(nr_flat),
-                            torch.from_numpy(nr_val), float(floor), state.key)
-    trained = _count_trained(_init.key_to_uint64(spec.key), nr_flat, nr_val, spec.kind,
-                             spec.param, spec.dtype == np.float32)
-    info = {"replenished": replenished, "scanned_added": added, "trimmed": trimmed,
+                            torch.from_numpy(nr_val), float(floor), state.key, cold=new_cold)
+    trained = _count_trained(key_u, nr_flat, nr_val, spec.kind, spec.param,
+                             spec.dtype == np.float32)
+    info = {"replenished": replenished, "scanned_added": added, "trimmed": int(cur[8]),
+            "spilled": spilled.n, "unspilled": unspilled,
             "trained_in_reserve": int(trained)}
     if want_src:
         k_a_old = a_cols.shape[0]
@@ -229,28 +254,12 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
     return Refresh(new_state, nvals, src, info)
 
 
-def _trim(r_flat, r_val, floor, drop: int, keep_untrained: int, spec: InitSpec):
-    """Drop up to ``drop`` untrained reserve entries (value still theta0) with the
-    smallest magnitudes by raising the floor over them, keeping at least
-    ``keep_untrained`` of the largest ones (they let the next refresh stay inside
-    the pool). Exact: every coordinate outside the pool keeps its theta0 value and
-    |theta0| < floor, and the new floor is (one ulp above) a reserve magnitude, so
-    it stays at or near the K_B-th largest magnitude. Returns (r_flat, r_val, floor, trimmed)."""
-    untrained = np.empty(r_flat.shape[0], np.bool_)
-    _untrained(_init.key_to_uint64(spec.key), r_flat, r_val, spec.kind, spec.param,
-               spec.dtype == np.float32, untrained)
-    mags = np.abs(r_val[untrained])
-    drop = min(drop, mags.shape[0] - min(keep_untrained, mags.shape[0]))
-    if drop <= 0:
-        return r_flat, r_val, floor, 0
-    if drop < mags.shape[0]:
-        new_floor = float(np.partition(mags, drop)[drop])     # drops those below it
-    else:
-        new_floor = float(np.nextafter(mags.max(), np.inf))   # drops them all
-    new_floor = max(floor, new_floor)
-    del mags
-    keep = _pool.trim_reserve(r_flat, r_val, untrained, new_floor)
-    return r_flat[:keep].copy(), r_val[:keep].copy(), new_floor, r_flat.shape[0] - keep
+def _merged(fa, va, fb, vb):
+    """Two (flat, value) runs, sorted and disjoint, merged into new arrays."""
+    fo = np.empty(fa.shape[0] + fb.shape[0], np.int64)
+    vo = np.empty(fo.shape[0], va.dtype)
+    _pool.merge_sorted(fa, va, fb, vb, fo, vo)
+    return fo, vo
 
 
 def layer_key(seed: int, name: str = "") -> int:

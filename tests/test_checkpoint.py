@@ -572,3 +572,28 @@ def test_resume_on_cuda_is_bit_identical(tmp_path):
     train(resumed, ropt, 4, 8)
     _assert_models_equal(_model_state(ref), _model_state(resumed))
     _assert_opts_equal(_opt_state(ref_opt), _opt_state(ropt))
+
+
+def test_cold_store_round_trips_and_resumes_exactly(tmp_path):
+    """A model whose layers spilled trained coordinates to disk saves them (read
+    from the memory-mapped store) and a fresh model resumes bit-identically, with
+    the loaded cold entries written to its own spill directory."""
+    kw = dict(reserve=0.0, exploration=0.0)
+    ref_model, ref_opt = _build(opt="adamw-amsgrad", **kw)
+    _train(ref_model, ref_opt, 0, 14)
+    model, opt = _build(opt="adamw-amsgrad", **kw)
+    _train(model, opt, 0, 9)
+    spilled = {n: l.sparse_state.cold.n for n, l in model.sparse_layers().items()}
+    assert sum(spilled.values()) > 0, "the test needs spilled entries"
+    sc.save(model, tmp_path / "c.sparsecore", optimizer=opt)
+    resumed, ropt = _build(opt="adamw-amsgrad", **kw)
+    for l in resumed.sparse_layers().values():
+        l.spill_dir = str(tmp_path / "spill")
+    sc.load(tmp_path / "c.sparsecore", resumed, optimizer=ropt)
+    for n, l in resumed.sparse_layers().items():
+        assert l.sparse_state.cold.n == spilled[n]
+        if spilled[n]:
+            assert l.sparse_state.cold.prefix.startswith(str(tmp_path / "spill"))
+    _train(resumed, ropt, 9, 14)
+    _assert_models_equal(_model_state(ref_model), _model_state(resumed))
+    _assert_opts_equal(_opt_state(ref_opt), _opt_state(ropt))

@@ -2,10 +2,12 @@
 import numpy as np
 import pytest
 
-from sparsecore.kernels.cpu import pool, select
+from sparsecore import spill
+from sparsecore.kernels.cpu import init, pool, select
 from sparsecore.state import csr_to_flat, flat_to_csr
 
 N_ROWS, N_COLS = 13, 17
+KEY = init.key_to_uint64(1234)
 
 
 def _pieces(rng, n_a, n_x, n_r, n_c, ties=False):
@@ -59,8 +61,12 @@ def test_split_rows_equals_sorting(sizes, ties):
     src = np.empty(k_b, np.int32)
     nr_f = np.empty(len(allf) - k_b, np.int64)
     nr_v = np.empty(len(allf) - k_b, np.float32)
-    pool.split_rows(*pool_args, mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b),
-                    na_ip, na_c, nx_ip, nx_c, nv, src, nr_f, nr_v)
+    cur = np.zeros(10, np.int64)
+    sp = np.empty(0, np.int64), np.empty(0, np.float32)
+    assert pool.split_rows(*pool_args, mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b),
+                           mask.dtype.type(0), KEY, 0, 1.0, True, na_ip, na_c, nx_ip, nx_c,
+                           nv, src, nr_f, nr_v, *sp, cur) == 0
+    assert cur[0] == N_ROWS and cur[7] == len(nr_f) and cur[8] == 0
     new_a = csr_to_flat(na_ip, na_c, N_COLS)
     new_x = csr_to_flat(nx_ip, nx_c, N_COLS)
     assert set(new_a.tolist()) == _top(allf, allv, k_a)
@@ -109,9 +115,91 @@ def test_gather_or_zero():
     assert np.array_equal(out, np.array([4, 0, 1, 10, 0], np.float32))
 
 
-def test_trim_reserve_keeps_trained_and_large():
-    f = np.arange(6, dtype=np.int64)
-    v = np.array([0.1, 0.5, 0.2, 0.05, 0.9, 0.01], np.float32)
-    untrained = np.array([True, True, False, True, True, False])
-    keep = pool.trim_reserve(f, v, untrained, 0.3)
-    assert f[:keep].tolist() == [1, 2, 4, 5]
+@pytest.mark.parametrize("cap", [1, 2, 1000])
+def test_split_rows_spills_below_the_reserve_rank_and_resumes(cap):
+    """Entries below the reserve threshold leave: dropped when they still hold
+    theta0, else written to the spill buffer in flat order, across as many
+    resumed calls as the buffer size needs."""
+    rng = np.random.default_rng(9)
+    (fa, va), (fx, vx), (fr, vr), (fc, vc) = _pieces(rng, 20, 20, 40, 30)
+    vr[::3] = init.init_values(1234, fr[::3], 0, 1.0, np.float32)   # untrained: theta0
+    a_ip, a_c = flat_to_csr(fa, N_ROWS, N_COLS)
+    x_ip, x_c = flat_to_csr(fx, N_ROWS, N_COLS)
+    vals = np.concatenate([va, vx])
+    allf = np.concatenate([fa, fx, fr, fc])
+    allv = np.concatenate([vals, vr, vc])
+    k_a, k_b, keep = 15, 35, 25
+    vkeys, mask = select._as_keys(vals)
+    pieces = [vals, vr, vc]
+    pool_args = (np.int64(N_COLS), a_ip, a_c, x_ip, x_c, vals, vkeys, fr, vr,
+                 select._as_keys(vr)[0], fc, vc, select._as_keys(vc)[0])
+    t_a = select.topk_threshold(pieces, k_a)[0]
+    t_b = select.topk_threshold(pieces, k_b)[0]
+    t_r = select.topk_threshold(pieces, k_b + keep)[0]    # no ties: normal values
+    n_res = keep
+    out = [np.empty(n, dt) for n, dt in ((N_ROWS + 1, np.int64), (k_a, np.int32),
+                                         (N_ROWS + 1, np.int64), (k_b - k_a, np.int32),
+                                         (k_b, np.float32), (k_b, np.int32),
+                                         (n_res, np.int64), (n_res, np.float32))]
+    sp_f, sp_v = np.empty(cap, np.int64), np.empty(cap, np.float32)
+    cur = np.zeros(10, np.int64)
+    got_f, got_v, calls = [], [], 0
+    while cur[0] < N_ROWS:
+        ns = pool.split_rows(*pool_args, mask, t_a, np.int64(1 << 62), t_b, np.int64(1 << 62),
+                             t_r, KEY, 0, 1.0, True, *out, sp_f, sp_v, cur)
+        got_f += sp_f[:ns].tolist()
+        got_v += sp_v[:ns].tolist()
+        calls += 1
+    below = set(allf.tolist()) - _top(allf, allv, k_b + keep)
+    theta0 = dict(zip(allf.tolist(), init.init_values(1234, allf, 0, 1.0, np.float32).tolist()))
+    value_of = dict(zip(allf.tolist(), allv.tolist()))
+    dropped = {f for f in below if value_of[f] == theta0[f]}
+    assert dropped and int(cur[8]) == len(dropped)
+    assert got_f == sorted(below - dropped) and got_v == [value_of[f] for f in got_f]
+    assert calls >= len(got_f) // cap
+    assert sorted(out[6].tolist()) == sorted(_top(allf, allv, k_b + keep) - _top(allf, allv, k_b))
+
+
+def _store(tmp_path, flat, val):
+    return spill.from_arrays(np.asarray(flat, np.int64), np.asarray(val, np.float32),
+                             str(tmp_path))
+
+
+def test_cold_store_replenish_pass_and_rewrite(tmp_path, monkeypatch):
+    monkeypatch.setattr(spill, "CHUNK", 3)     # several chunks per pass
+    st = _store(tmp_path, [2, 5, 7, 11, 13, 20, 31], [0.1, -0.5, 0.3, 0.05, -0.45, 0.2, 0.4])
+    assert st.n == 7 and st.max_abs == np.float32(0.5)
+    cands = np.array([1, 5, 6, 13, 14, 31, 40], np.int64)
+    m, f, v = spill.replenish_pass(st, cands, 0.3, 0.5)
+    assert cands[:m].tolist() == [1, 6, 14, 40]            # 5, 13, 31 hold cold values
+    assert f.tolist() == [7, 13, 31] and np.allclose(v, [0.3, -0.45, 0.4])
+    spilled = _store(tmp_path, [3, 12, 50], [0.01, -0.02, 0.03])
+    new = spill.rewrite(st, 0.3, spilled, str(tmp_path))
+    nf, nv = (a.tolist() for a in new.mapped())
+    assert nf == [2, 3, 11, 12, 20, 50] and np.allclose(nv, [0.1, 0.01, 0.05, -0.02, 0.2, 0.03])
+    assert spill.rewrite(st, np.inf, spill.ColdStore.empty(np.float32), str(tmp_path)) is st
+    assert spill.cast(new, np.float64).mapped()[1].dtype == np.float64
+    prefix = new.prefix
+    del new, nf, nv
+    import gc
+    gc.collect()
+    assert not (tmp_path / (prefix.rsplit("/", 1)[1] + ".idx")).exists()
+
+
+def test_check_cold_finds_each_defect():
+    rng = np.random.default_rng(7)
+    (fa, _), (fx, _), (fr, _), (fc, vc) = _pieces(rng, 20, 15, 25, 10)
+    a_ip, a_c = flat_to_csr(fa, N_ROWS, N_COLS)
+    x_ip, x_c = flat_to_csr(fx, N_ROWS, N_COLS)
+    n = N_ROWS * N_COLS
+    floor = float(np.abs(vc).max()) + 1
+
+    def check(f, v=vc, fl=floor):
+        return pool.check_cold(N_COLS, a_ip, a_c, x_ip, x_c, fr, f, v, fl, n)
+    assert check(fc) == ""
+    for other in (fa, fx, fr):
+        bad = np.sort(np.concatenate([fc[1:], other[:1]]))
+        assert "also in the pool" in check(bad)
+    assert "not sorted" in check(fc[::-1].copy())
+    assert "not sorted" in check(np.concatenate([fc[:-1], [n]]))
+    assert "not below the floor" in check(fc, fl=float(np.abs(vc).max()))

@@ -119,3 +119,54 @@ def test_int32_index_overflow_guard(shape):
     in_f, out_f = shape
     with pytest.raises(ValueError, match="int32 index range"):
         sc.TopKASTLinear(in_f, out_f, forward_sparsity=0.999999, backward_sparsity=0.999998)
+
+
+def _spilled_layer(tmp_path, dtype=torch.float32):
+    torch.manual_seed(0)
+    layer = _layer(reserve=0.0, exploration=0.0, dtype=dtype, spill_dir=str(tmp_path))
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.3, weight_decay=0.5)
+    for _ in range(6):
+        opt.zero_grad()
+        layer(torch.randn(8, 48, dtype=dtype)).pow(2).sum().backward()
+        opt.step()
+        layer.refresh(opt)
+    assert layer.sparse_state.cold.n > 0, "the test needs spilled entries"
+    return layer
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda sd: sd["cold_idx"].__setitem__(0, int(sd["reserve_idx"][0]))
+     if sd["reserve_idx"].numel() else sd["cold_idx"].__setitem__(0, int(sd["a_cols"][0])),
+     "cold|overlap"),
+    (lambda sd: sd["cold_idx"].__setitem__(1, int(sd["cold_idx"][0])), "not sorted"),
+    (lambda sd: sd["cold_val"].__setitem__(0, float(sd["floor"]) * 2), "not below the floor"),
+    (lambda sd: sd["cold_val"].__setitem__(0, float("nan")), "NaN"),
+    (lambda sd: sd.__setitem__("cold_val", sd["cold_val"][1:]), "differ in shape"),
+])
+def test_cold_entries_validated_before_anything_changes(tmp_path, corrupt, match):
+    src = _spilled_layer(tmp_path / "a")
+    sd = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in src.state_dict().items()}
+    corrupt(sd)
+    dst = _layer(reserve=0.0, exploration=0.0, spill_dir=str(tmp_path / "b"))
+    before = dst.to_dense().clone()
+    with pytest.raises(RuntimeError, match=match):
+        dst.load_state_dict(sd)
+    assert torch.equal(dst.to_dense(), before) and dst.sparse_state.cold.n == 0
+    import gc
+    gc.collect()
+    assert not list((tmp_path / "b").glob("cold-*")) if (tmp_path / "b").exists() else True
+
+
+def test_cold_store_follows_value_casts_and_old_checkpoints_load(tmp_path):
+    layer = _spilled_layer(tmp_path)
+    f32, v32 = (a.copy() for a in layer.sparse_state.cold.mapped())
+    layer.double()
+    f64, v64 = layer.sparse_state.cold.mapped()
+    assert v64.dtype.name == "float64"
+    assert (f64 == f32).all() and (v64 == v32.astype("float64")).all()
+    sd = layer.state_dict()
+    assert sd["cold_val"].dtype == torch.float64 and sd["cold_idx"].numel() == layer.stats["spilled"]
+    old = {k: v for k, v in _layer(reserve=0.0).state_dict().items() if not k.startswith("cold")}
+    fresh = _layer(reserve=0.0)
+    fresh.load_state_dict(old)      # a checkpoint from before the cold tier: no cold entries
+    assert fresh.sparse_state.cold.n == 0

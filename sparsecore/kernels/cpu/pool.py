@@ -19,6 +19,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from . import init as _init
+
 _BIG = np.int64(1) << np.int64(62)
 
 
@@ -120,32 +122,42 @@ def tie_flats(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r
 
 @nb.njit(cache=True)
 def split_rows(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_val, rkeys,
-               c_flat, c_val, ckeys, mask, t_a, cut_a, t_b, cut_b,
-               na_indptr, na_cols, nx_indptr, nx_cols, nvals, src, nr_flat, nr_val):
+               c_flat, c_val, ckeys, mask, t_a, cut_a, t_b, cut_b, t_r, key, kind, param,
+               round32, na_indptr, na_cols, nx_indptr, nx_cols, nvals, src, nr_flat, nr_val,
+               sp_flat, sp_val, cur):
     """One pass over the pool, row by row: every entry goes to the new A, the new
-    X or the new reserve by the thresholds. Writes the new CSR structures, the new
-    values [A, X], ``src`` (the old position in ``vals`` of each new value, -1 when
-    it comes from R or C) and the new reserve. Pass ``src`` of length 0 to skip it.
-    Every output has its exact final size; returns nothing."""
+    X, the new reserve, or, when its magnitude key is below ``t_r``, out of RAM:
+    dropped if it still holds theta0(key, flat) (it is recomputed on demand), else
+    written to the spill buffer ``sp_flat``/``sp_val`` (flat-index order). Writes
+    the new CSR structures, the new values [A, X], ``src`` (the old position in
+    ``vals`` of each new value, -1 when it comes from R or C; pass ``src`` of length
+    0 to skip it) and the new reserve, each of its exact final size.
+
+    Resumable: ``cur`` (int64[10], zeros to start) holds the position (row, the
+    four stream heads, the three output counts, the number dropped) and the call
+    returns the number of spilled entries it wrote when the spill buffer is full;
+    call again with the same ``cur`` until ``cur[0]`` equals the number of rows."""
     n_rows = a_indptr.shape[0] - 1
     k_a_old = a_cols.shape[0]
     k_a_new = na_cols.shape[0]
     want_src = src.shape[0] > 0
-    pa = px = pr = pc = np.int64(0)
-    ia = np.int64(0)
-    ix = np.int64(0)
-    ir = np.int64(0)
-    na_indptr[0] = 0
-    nx_indptr[0] = 0
-    for row in range(n_rows):
+    row, pa, px, pr, pc = cur[0], cur[1], cur[2], cur[3], cur[4]
+    ia, ix, ir, dropped = cur[5], cur[6], cur[7], cur[8]
+    ns = np.int64(0)
+    cap = sp_flat.shape[0]
+    if row == 0 and pa == 0 and px == 0 and pr == 0 and pc == 0:
+        na_indptr[0] = 0
+        nx_indptr[0] = 0
+    full = False
+    while row < n_rows:
         base = np.int64(row) * n_cols
         while True:
             col, which = _next(n_cols, row, a_indptr, a_cols, pa, x_indptr, x_cols, px,
                                r_flat, pr, c_flat, pc)
             if which < 0:
                 break
-            pos, v, k, pa, px, pr, pc = _pop(which, k_a_old, pa, px, pr, pc, vals, vkeys, r_val,
-                                             rkeys, c_val, ckeys, mask)
+            pos, v, k, qa, qx, qr, qc = _pop(which, k_a_old, pa, px, pr, pc, vals, vkeys,
+                                             r_val, rkeys, c_val, ckeys, mask)
             f = base + col
             if k > t_a or (k == t_a and f <= cut_a):
                 na_cols[ia] = col
@@ -159,12 +171,28 @@ def split_rows(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, 
                 if want_src:
                     src[k_a_new + ix] = pos
                 ix += 1
-            else:
+            elif k >= t_r:
                 nr_flat[ir] = f
                 nr_val[ir] = v
                 ir += 1
+            elif v == _init._theta0(key, f, kind, param, round32):
+                dropped += 1
+            else:
+                if ns == cap:      # buffer full: stop before this entry
+                    full = True
+                    break
+                sp_flat[ns] = f
+                sp_val[ns] = v
+                ns += 1
+            pa, px, pr, pc = qa, qx, qr, qc
+        if full:
+            break
         na_indptr[row + 1] = ia
         nx_indptr[row + 1] = ix
+        row += 1
+    cur[0], cur[1], cur[2], cur[3], cur[4] = row, pa, px, pr, pc
+    cur[5], cur[6], cur[7], cur[8] = ia, ix, ir, dropped
+    return ns
 
 
 @nb.njit(cache=True)
@@ -190,20 +218,6 @@ def gather_or_zero(t, src, out):
     for i in nb.prange(src.shape[0]):
         s = src[i]
         out[i] = t[s] if s >= 0 else 0
-
-
-@nb.njit(cache=True)
-def trim_reserve(r_flat, r_val, untrained, floor):
-    """Compact the reserve in place, dropping untrained entries (still theta0)
-    with magnitude below ``floor``; returns the number kept."""
-    keep = 0
-    for i in range(r_flat.shape[0]):
-        if untrained[i] and abs(r_val[i]) < floor:
-            continue
-        r_flat[keep] = r_flat[i]
-        r_val[keep] = r_val[i]
-        keep += 1
-    return keep
 
 
 @nb.njit(parallel=True, cache=True)
@@ -284,3 +298,56 @@ def check_disjoint(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, n_total) 
             2: f"B minus A's columns are not strictly ascending within a row (entry {pos})",
             3: f"reserve indices are not sorted, unique and in [0, {n_total}) (entry {pos})",
             4: f"A, B minus A and the reserve overlap at flat index {pos}"}[int(code)]
+
+
+@nb.njit(cache=True)
+def _in_row(indptr, cols, row, col):
+    lo = indptr[row]
+    hi = indptr[row + 1]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cols[mid] < col:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < indptr[row + 1] and cols[lo] == col
+
+
+@nb.njit(parallel=True, cache=True)
+def _cold_kernel(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, c_flat, c_val, floor,
+                 n_total, codes):
+    """Per cold entry (in parallel): codes[i] = 1 (out of order or range), 2 (|value|
+    not below the floor) or 3 (also in A, B minus A or the reserve); 0 when fine."""
+    for i in nb.prange(c_flat.shape[0]):
+        f = c_flat[i]
+        codes[i] = 0
+        if f < 0 or f >= n_total or (i > 0 and f <= c_flat[i - 1]):
+            codes[i] = 1
+        elif not abs(c_val[i]) < floor:
+            codes[i] = 2
+        else:
+            row = f // n_cols
+            col = f - row * n_cols
+            j = np.searchsorted(r_flat, f)
+            if (_in_row(a_indptr, a_cols, row, col) or _in_row(x_indptr, x_cols, row, col)
+                    or (j < r_flat.shape[0] and r_flat[j] == f)):
+                codes[i] = 3
+
+
+def check_cold(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, c_flat, c_val, floor,
+               n_total) -> str:
+    """Empty string when the cold entries are well formed (strictly ascending flat
+    indices in [0, n_total), magnitudes below the floor, none in the pool), else a
+    message naming the first problem. Parallel over the entries."""
+    if not c_flat.shape[0]:
+        return ""
+    codes = np.empty(c_flat.shape[0], np.int8)
+    _cold_kernel(np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols, r_flat, c_flat, c_val,
+                 float(floor), np.int64(n_total), codes)
+    bad = np.flatnonzero(codes)
+    if not bad.size:
+        return ""
+    i = int(bad[0])
+    return {1: f"cold indices are not sorted, unique and in [0, {n_total}) (entry {i})",
+            2: f"cold value {c_val[i]} at entry {i} is not below the floor {floor}",
+            3: f"cold entry {i} (flat index {c_flat[i]}) is also in the pool"}[int(codes[i])]

@@ -1,0 +1,251 @@
+"""The cold tier: trained coordinates that left the pool, kept exactly on disk.
+
+A coordinate that was in B and left it holds a trained value that exactness must
+keep (it differs from theta0), so without a disk tier the reserve grows with the
+union of B over training. When a refresh finds the reserve above its cap, it keeps
+the largest reserve entries in RAM, raises the floor to the smallest of them, and
+moves the others out of RAM: entries still equal to theta0 are dropped (they are
+recomputed on demand), trained ones are appended to the layer's :class:`ColdStore`.
+
+Invariant (with the floor of :mod:`sparsecore.state`): every coordinate outside
+the RAM pool either holds theta0 with |theta0| < floor, or is in the cold store
+with its exact value and |value| < floor. A refresh whose K_B-th largest pool
+magnitude is >= floor is therefore exact without touching the disk; otherwise the
+replenishing scan lowers the floor and reads back, besides the theta0 band, every
+cold entry whose magnitude reaches the new floor (:func:`replenish_pass`).
+
+A store is one immutable run sorted by flat index: two files, ``<prefix>.idx``
+(int64 flat indices) and ``<prefix>.val`` (values), in the layer's spill
+directory (``spill_dir``, else ``$SPARSECORE_SPILL_DIR``, else a per-process
+temporary directory). A refresh that changes the store writes a new run and the
+old files are deleted when the last state holding them is dropped. Files are
+read and written in chunks of :data:`CHUNK` entries (96 MiB of float32 data at
+most in flight; 12 B per entry on disk), so RAM never holds the store.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import uuid
+import weakref
+
+import numba as nb
+import numpy as np
+
+from .kernels.cpu import pool as _pool
+
+CHUNK = 1 << 22          # entries per read / write chunk (48 MiB for float32 values)
+_DEFAULT_DIR: list = []  # the per-process temporary directory, created on first use
+
+
+def default_dir() -> str:
+    """``$SPARSECORE_SPILL_DIR`` if set, else a per-process temporary directory
+    (removed at exit)."""
+    env = os.environ.get("SPARSECORE_SPILL_DIR")
+    if env:
+        return env
+    if not _DEFAULT_DIR:
+        d = tempfile.mkdtemp(prefix="sparsecore-spill-")
+        atexit.register(shutil.rmtree, d, True)
+        _DEFAULT_DIR.append(d)
+    return _DEFAULT_DIR[0]
+
+
+def _unlink(paths) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+class ColdStore:
+    """An immutable, flat-index-sorted run of (flat index, value) pairs on disk
+    (see the module docstring). ``n`` entries, values of ``dtype``, every
+    |value| <= ``max_abs``. The files are deleted when the object is collected."""
+
+    __slots__ = ("prefix", "n", "dtype", "max_abs", "__weakref__")
+
+    def __init__(self, prefix: str | None, n: int, dtype, max_abs: float):
+        self.prefix, self.n, self.dtype, self.max_abs = prefix, int(n), np.dtype(dtype), max_abs
+        if prefix is not None:
+            weakref.finalize(self, _unlink, (prefix + ".idx", prefix + ".val"))
+
+    @classmethod
+    def empty(cls, dtype) -> "ColdStore":
+        return cls(None, 0, dtype, 0.0)
+
+    def __deepcopy__(self, memo):   # immutable and file-backed: copies share it
+        return self
+
+    def __repr__(self) -> str:
+        return f"ColdStore(n={self.n}, dtype={self.dtype}, path={self.prefix!r})"
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * (8 + self.dtype.itemsize)
+
+    def chunks(self, chunk: int = CHUNK):
+        """Yield (flat, values) arrays of at most ``chunk`` entries, in order."""
+        if not self.n:
+            return
+        with open(self.prefix + ".idx", "rb") as fi, open(self.prefix + ".val", "rb") as fv:
+            for start in range(0, self.n, chunk):
+                m = min(chunk, self.n - start)
+                yield np.fromfile(fi, np.int64, m), np.fromfile(fv, self.dtype, m)
+
+    def mapped(self):
+        """(flat, values) as copy-on-write memory maps (the files never change) (empty arrays for an empty
+        store): what a state_dict exports without reading the files into RAM."""
+        if not self.n:
+            return np.empty(0, np.int64), np.empty(0, self.dtype)
+        return (np.memmap(self.prefix + ".idx", np.int64, "c", shape=(self.n,)),
+                np.memmap(self.prefix + ".val", self.dtype, "c", shape=(self.n,)))
+
+
+class Writer:
+    """Appends sorted chunks to a new run in ``directory``; :meth:`close` returns
+    the :class:`ColdStore` (the files are deleted if it is never closed)."""
+
+    def __init__(self, directory: str, dtype):
+        os.makedirs(directory, exist_ok=True)
+        self.prefix = os.path.join(directory, f"cold-{uuid.uuid4().hex}")
+        self.dtype = np.dtype(dtype)
+        self.fi = open(self.prefix + ".idx", "wb")
+        self.fv = open(self.prefix + ".val", "wb")
+        self.n, self.max_abs, self.last = 0, 0.0, -1
+        self._fin = weakref.finalize(self, _unlink, (self.prefix + ".idx", self.prefix + ".val"))
+
+    def write(self, flat: np.ndarray, val: np.ndarray) -> None:
+        if not flat.shape[0]:
+            return
+        if flat[0] <= self.last:
+            raise AssertionError("cold run written out of order")  # a bug, never user input
+        flat.astype(np.int64, copy=False).tofile(self.fi)
+        val.astype(self.dtype, copy=False).tofile(self.fv)
+        self.n += flat.shape[0]
+        self.max_abs = max(self.max_abs, float(np.abs(val).max()))
+        self.last = int(flat[-1])
+
+    def close(self) -> ColdStore:
+        self.fi.close()
+        self.fv.close()
+        self._fin.detach()
+        if not self.n:
+            _unlink((self.prefix + ".idx", self.prefix + ".val"))
+            return ColdStore.empty(self.dtype)
+        return ColdStore(self.prefix, self.n, self.dtype, self.max_abs)
+
+
+@nb.njit(cache=True)
+def _mark_present(cands, flats, dup):
+    """dup[i] |= cands[i] in flats (both sorted ascending)."""
+    j = 0
+    nf = flats.shape[0]
+    for i in range(cands.shape[0]):
+        c = cands[i]
+        while j < nf and flats[j] < c:
+            j += 1
+        if j < nf and flats[j] == c:
+            dup[i] = True
+
+
+@nb.njit(cache=True)
+def _compact(cands, dup):
+    keep = 0
+    for i in range(cands.shape[0]):
+        if not dup[i]:
+            cands[keep] = cands[i]
+            keep += 1
+    return keep
+
+
+def replenish_pass(store: ColdStore, cands: np.ndarray, lo: float, hi: float):
+    """One read of the store for a replenishing scan over the magnitude band
+    [lo, hi): compacts the sorted theta0 candidates ``cands`` in place, dropping
+    coordinates that are in the store (their value is not theta0), and returns
+    (number kept, flat, values) of the store's entries with lo <= |value| < hi."""
+    if not store.n or store.max_abs < lo:
+        return cands.shape[0], np.empty(0, np.int64), np.empty(0, store.dtype)
+    dup = np.zeros(cands.shape[0], np.bool_)
+    out_f, out_v = [], []
+    for f, v in store.chunks():
+        if cands.shape[0]:
+            a, b = np.searchsorted(cands, [f[0], f[-1] + 1])
+            if b > a:
+                _mark_present(cands[a:b], f, dup[a:b])
+        a = np.abs(v)
+        sel = (a >= lo) & (a < hi)
+        if sel.any():
+            out_f.append(f[sel])
+            out_v.append(v[sel])
+    m = _compact(cands, dup)
+    if not out_f:
+        return m, np.empty(0, np.int64), np.empty(0, store.dtype)
+    return m, np.concatenate(out_f), np.concatenate(out_v)
+
+
+def rewrite(store: ColdStore, below: float, spilled: ColdStore, directory: str) -> ColdStore:
+    """A new run holding the store's entries with |value| < ``below`` merged with
+    ``spilled`` (disjoint, both sorted). Returns ``store`` itself when nothing
+    changes."""
+    keep_all = not store.n or store.max_abs < below
+    if keep_all and not spilled.n:
+        return store
+    if not store.n and spilled.n:
+        return spilled
+    w = Writer(directory, store.dtype)
+    a_iter, b_iter = store.chunks(), spilled.chunks()
+    af = av = bf = bv = None
+
+    def nxt(it):
+        for f, v in it:
+            if it is a_iter and not keep_all:
+                sel = np.abs(v) < below
+                f, v = f[sel], v[sel]
+            if f.shape[0]:
+                return f, v
+        return None, None
+
+    af, av = nxt(a_iter)
+    bf, bv = nxt(b_iter)
+    while af is not None and bf is not None:
+        lim = min(af[-1], bf[-1])
+        ia = int(np.searchsorted(af, lim, "right"))
+        ib = int(np.searchsorted(bf, lim, "right"))
+        fo = np.empty(ia + ib, np.int64)
+        vo = np.empty(ia + ib, store.dtype)
+        _pool.merge_sorted(af[:ia], av[:ia], bf[:ib], bv[:ib], fo, vo)
+        w.write(fo, vo)
+        af, av = (af[ia:], av[ia:]) if ia < af.shape[0] else nxt(a_iter)
+        bf, bv = (bf[ib:], bv[ib:]) if ib < bf.shape[0] else nxt(b_iter)
+    for f, v, it in ((af, av, a_iter), (bf, bv, b_iter)):
+        while f is not None:
+            w.write(f, v)
+            f, v = nxt(it)
+    return w.close()
+
+
+def from_arrays(flat: np.ndarray, val: np.ndarray, directory: str) -> ColdStore:
+    """A run of the given sorted entries (used when a state is loaded)."""
+    if not flat.shape[0]:
+        return ColdStore.empty(val.dtype)
+    w = Writer(directory, val.dtype)
+    for s in range(0, flat.shape[0], CHUNK):
+        w.write(flat[s:s + CHUNK], val[s:s + CHUNK])
+    return w.close()
+
+
+def cast(store: ColdStore, dtype) -> ColdStore:
+    """The store with its values converted to ``dtype`` (a new run beside it)."""
+    dtype = np.dtype(dtype)
+    if dtype == store.dtype:
+        return store
+    if not store.n:
+        return ColdStore.empty(dtype)
+    w = Writer(os.path.dirname(store.prefix), dtype)
+    for f, v in store.chunks():
+        w.write(f, v.astype(dtype))
+    return w.close()
