@@ -281,6 +281,60 @@ def test_many_columns_and_long_rows(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", [0.1, 0.02, 0.002])
+def test_column_tiled_spmm_paths(dtype, density):
+    """Panels wider than ~L2 (5000 columns x 256 bytes) take the column-tiled kernel:
+    L1 tiles at 10% (>= 8 values per row and tile), L2 tiles at 2%, none at 0.2%;
+    with empty rows and n not a multiple of the panel width."""
+    from sparsecore.kernels.cpu import spmm as cpu_spmm
+    rng = np.random.default_rng(int(density * 1000))
+    cols = 5_000
+    w = CSR(rng, 40, cols, density, dtype, empty_rows=0.2)
+    itemsize = 4 if dtype == torch.float32 else 8
+    P = cpu_spmm.panel_width(cols, itemsize, 70)
+    T = cpu_spmm.tile_width(cols, P, itemsize, w.nnz / w.rows)
+    expect = {0.1: 32768 // (P * itemsize), 0.02: 524288 // (P * itemsize), 0.002: cols}
+    assert T == expect[density]
+    check_spmm(w, rand(rng, (cols, 70), dtype))
+    check_spmm_t(w, rand(rng, (w.rows, 70), dtype))
+    wt = CSR(rng, cols, 40, density * 10, dtype, empty_rows=0.2)   # tiled spmm_t
+    check_spmm_t(wt, rand(rng, (cols, 33), dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("P", [32, 64])
+@pytest.mark.parametrize("T", [1, 3, 7, 64, 10_000])
+def test_csr_rows_kernel_any_tile_and_panel(dtype, P, T):
+    """The row kernel itself, for every panel width and tile width (T = 1: one column
+    per tile; T > ncols: untiled), against dense math: unsorted columns within rows
+    (any order is correct), empty rows, an all-empty row block, bias, n not a
+    multiple of P, and a transposed (strided) output."""
+    from sparsecore.kernels.cpu import spmm as cpu_spmm
+    rng = np.random.default_rng(P + T)
+    rows, cols = 300, 57
+    mask = rng.random((rows, cols)) < 0.3
+    mask[rng.random(rows) < 0.2] = False
+    mask[100:140] = False                       # a block of empty rows
+    indptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int64)
+    indices = np.concatenate([rng.permutation(np.nonzero(m)[0]) for m in mask]).astype(np.int32)
+    data = rng.standard_normal(indices.size).astype(dtype)
+    wd = np.zeros((rows, cols))
+    wd[np.repeat(np.arange(rows), mask.sum(1)), indices] = data
+    bias = rng.standard_normal(rows).astype(dtype)
+    for n in (1, P - 1, P + 5, 2 * P):
+        x = rng.standard_normal((n, cols)).astype(dtype)
+        exact = x.astype(np.float64) @ wd.T
+        bound = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+        eps = np.finfo(dtype).eps
+        y = np.empty((n, rows), dtype)
+        cpu_spmm.csr_rows_kernel(indptr, indices, data, x, y, T=T, P=P)
+        assert np.all(np.abs(y - exact) <= 40 * eps * bound + 1e-300)
+        yt = np.empty((rows, n), dtype).T        # strided output
+        cpu_spmm.csr_rows_kernel(indptr, indices, data, x, yt, bias=bias, T=T, P=P)
+        assert np.all(np.abs(yt - exact - bias) <= 40 * eps * (bound + np.abs(bias)) + 1e-300)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_very_wide(dtype):
     """in >= 70000 columns (beyond int16), few rows, few entries."""
     rng = np.random.default_rng(1)

@@ -7,17 +7,27 @@ cached transposed structure, the input gradient (:mod:`.spmm_t`).
 Performance layout (measured on the 2-core benchmark machine, see docs/benchmarks.md):
 
 * **Packed panels.** X is first packed, in parallel, into panels of ``P`` samples:
-  ``xp[p, c, :] = X[p*P : p*P+P, c]`` (zero padded), so each stored value of W
-  multiplies one contiguous P-vector. ``P`` is the widest of 64/32/16/8 whose panel
-  (in x P values) fits in ~2 MiB (L2), so a panel stays cache-resident while every
-  row of W gathers from it. Packing is one read of X; it replaces the two
-  single-threaded transposes the layer used to make around each product.
+  ``xp[p, c, :] = X[p*P : p*P+P, c]`` (zero padded, 64-byte aligned), so each stored
+  value of W multiplies one contiguous P-vector. ``P`` is 64 float32 / 32 float64
+  (256-byte rows: four 512-bit vectors), 32 float32 when n <= 32; narrower panels
+  were dropped because LLVM fully unrolls their 16-lane loops into scalar code.
+* **512-bit vectors.** LLVM's tuning for AVX-512 Intel cores prefers 256-bit
+  vectors; :func:`wide_vectors` asks for 512-bit ones in the parallel loop only
+  (function attributes, not a process-wide setting). Indices are cast to unsigned
+  so no negative-index wraparound code sits in the inner loop.
+* **Column tiles.** When a panel exceeds ~1 MiB (it would not stay in L2: 16384
+  float32 features), W's columns are walked in tiles of 32 KiB of panel rows (L1) if
+  a row then has >= 8 values per tile, else 512 KiB tiles (L2) if >= 4, else not at
+  all. Partial sums of 256 rows at a time live in an aligned scratch block and each
+  (row, tile) visit adds into them; a per-row cursor skips finished entries, so any
+  column order within a row is correct. At 4096 features (1 MiB panels) tiling
+  measured no better than the untiled walk, which is what runs there.
 * **Register accumulators.** For one output row and one panel the P partial sums
   live in a stack buffer that LLVM keeps in vector registers; two stored values are
   taken per pass into two accumulator sets, so twice as many independent FMA
   chains are in flight (the two sets are added at the end of the row).
-* **Direct output.** The P sums of 16 consecutive rows are buffered on the stack and
-  stored into ``Y[j, r0:r0+16]`` (row-major (n, out)) as contiguous runs, with the
+* **Direct output.** The P sums of 16 consecutive rows (256 when tiled) are buffered
+  in an aligned scratch block and stored into ``Y[j, r0:r0+16]`` (row-major (n, out)) as contiguous runs, with the
   bias folded into the accumulators' start value: no output transpose, no separate
   bias pass, and no per-value strided stores (rows of Y are a multiple of 4 KiB
   apart, so those would all land in one L1 set).
@@ -35,7 +45,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-_PANELS = (64, 32, 16, 8)
+_PANELS = (64, 32)
+U = types.uintp               # unsigned indices: no negative-index wraparound code
 _RB = 16                      # output rows buffered before their transposed store
 _PANEL_BYTES = 2 << 20        # a packed panel (features x P values) must fit this (~L2)
 
@@ -54,6 +65,23 @@ def _stack_buffer(typingctx, n_ty, dtype_ty):
         lty = context.get_data_type(dt)
         ptr = cgutils.alloca_once(builder, ir.ArrayType(lty, n))
         return builder.bitcast(ptr, lty.as_pointer())
+    return sig, codegen
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """Let LLVM use 512-bit vectors in the calling function (placed inside a prange
+    body, that is the outlined parallel loop). LLVM's tuning for AVX-512 Intel cores
+    prefers 256-bit vectors unless a function asks otherwise; this sets that
+    function's "prefer-vector-width" / "min-legal-vector-width" attributes (a no-op
+    where the CPU has no 512-bit vectors)."""
+    sig = types.none()
+
+    def codegen(context, builder, signature, args):
+        attrs = builder.function.attributes
+        for a in ('"prefer-vector-width"="512"', '"min-legal-vector-width"="512"'):
+            set.add(attrs, a)   # string attributes: llvmlite only validates keywords
+        return context.get_dummy_value()
     return sig, codegen
 
 
@@ -112,64 +140,88 @@ def transpose_into(x, out):
                         orow[jj] = b[jj]
 
 
+@nb.njit(cache=True)
+def aligned_empty(size, dtype):
+    """Uninitialised 1-d array of ``size`` values starting on a 64-byte boundary
+    (a cache line: a 512-bit load from a P-vector then never splits two lines)."""
+    buf = np.empty(size + 16, dtype)
+    off = (-buf.ctypes.data % 64) // buf.itemsize
+    return buf[off:off + size]
+
+
 def _make_panel_kernel(P):
     """Kernel for packed panels of exactly P samples (P is a compile-time constant,
     so the 2 x P partial sums of a row are kept in registers)."""
-    PRB = P * _RB
 
     @nb.njit(parallel=True, cache=True, fastmath={"contract"}, boundscheck=False)
-    def kernel(indptr, indices, data, xp, bias, y, nchunks):
+    def kernel(indptr, indices, data, xp, bias, y, nchunks, T):
         nrows = indptr.shape[0] - 1
-        npan = xp.shape[0]
+        npan, ncols, _ = xp.shape
         n = y.shape[0]
         use_bias = bias.shape[0] > 0
+        tiled = T < ncols
         rc = (nrows + nchunks - 1) // nchunks
+        nb_rows = min(rc, _TILED_ROWS) if tiled else _RB
         for t in nb.prange(npan * nchunks):
-            p = t // nchunks
+            wide_vectors()
+            p = U(t // nchunks)
             r0 = (t % nchunks) * rc
             r1 = min(r0 + rc, nrows)
             j0 = p * P
             m = min(P, n - j0)
             a0 = nb.carray(_stack_buffer(P, y.dtype), P)
             a1 = nb.carray(_stack_buffer(P, y.dtype), P)
-            ob = nb.carray(_stack_buffer(PRB, y.dtype), (_RB, P))
-            xpp = xp[p]
-            for rb0 in range(r0, r1, _RB):
-                rbn = min(_RB, r1 - rb0)
+            # partial sums of this task's rows: the whole chunk when W's columns are
+            # walked in tiles (each (row, tile) visit adds into them), else 16 rows
+            acc = aligned_empty(nb_rows * P, y.dtype).reshape((nb_rows, P))
+            cur = np.empty(nb_rows + 1, np.int64)
+            for rb0 in range(r0, r1, nb_rows):
+                rbn = U(min(nb_rows, r1 - rb0))
                 for i in range(rbn):
-                    r = rb0 + i
+                    b = bias[U(rb0 + i)] if use_bias else 0.0
                     for j in range(P):
-                        a0[j] = 0.0
-                        a1[j] = 0.0
-                    if use_bias:
-                        b = bias[r]
-                        for j in range(P):
-                            a0[j] = b
-                    k = indptr[r]
-                    e = indptr[r + 1]
-                    while k + 2 <= e:
-                        w0 = data[k]
-                        w1 = data[k + 1]
-                        x0 = xpp[indices[k]]
-                        x1 = xpp[indices[k + 1]]
-                        for j in range(P):
-                            a0[j] += w0 * x0[j]
-                            a1[j] += w1 * x1[j]
-                        k += 2
-                    if k < e:
-                        w0 = data[k]
-                        x0 = xpp[indices[k]]
-                        for j in range(P):
-                            a0[j] += w0 * x0[j]
-                    o = ob[i]
-                    for j in range(P):
-                        o[j] = a0[j] + a1[j]
-                # write the block transposed: one contiguous run of y per sample (rows
-                # of y are far apart, so per-value strided stores would thrash L1 sets)
-                for j in range(m):
-                    yr = y[j0 + j, rb0:rb0 + rbn]
+                        acc[i, j] = b
+                    cur[i] = indptr[U(rb0 + i)]
+                cur[rbn] = indptr[U(rb0 + rbn)]
+                c1 = T
+                while True:
                     for i in range(rbn):
-                        yr[i] = ob[i, j]
+                        k = cur[i]
+                        e = indptr[U(rb0 + i + 1)]
+                        if k >= e or indices[U(k)] >= c1:
+                            continue
+                        for j in range(P):
+                            a0[j] = acc[i, j]
+                            a1[j] = 0.0
+                        while k + 2 <= e and indices[U(k + 1)] < c1:
+                            w0 = data[U(k)]
+                            w1 = data[U(k + 1)]
+                            c0 = U(indices[U(k)])
+                            c1_ = U(indices[U(k + 1)])
+                            for j in range(P):
+                                a0[j] += w0 * xp[p, c0, j]
+                                a1[j] += w1 * xp[p, c1_, j]
+                            k += 2
+                        if k < e and indices[U(k)] < c1:
+                            w0 = data[U(k)]
+                            c0 = U(indices[U(k)])
+                            for j in range(P):
+                                a0[j] += w0 * xp[p, c0, j]
+                            k += 1
+                        for j in range(P):
+                            acc[i, j] = a0[j] + a1[j]
+                        cur[i] = k
+                    if c1 >= ncols:
+                        break
+                    c1 += T
+                # store the block transposed, 16 rows at a time: one contiguous run of
+                # y per sample (rows of y are far apart: per-value strided stores
+                # would thrash L1 sets)
+                for s0 in range(0, rbn, _RB):
+                    sn = min(_RB, rbn - s0)
+                    for j in range(m):
+                        for i in range(sn):
+                            y[j0 + j, rb0 + s0 + i] = acc[s0 + i, j]
 
     return kernel
 
@@ -187,14 +239,37 @@ def gather(data, perm):
 
 
 def panel_width(n_features: int, itemsize: int, n: int) -> int:
-    """Widest panel whose packed block fits ~L2, but no wider than n needs."""
-    for P in _PANELS:
-        if n_features * P * itemsize <= _PANEL_BYTES and P <= max(8, 2 * n):
-            return P
-    return _PANELS[-1]
+    """Samples per packed panel: 256-byte panel rows (four 512-bit vectors per
+    gathered row: 64 float32 / 32 float64), or 32 float32 when n <= 32.
+    (Narrower panels are not offered: LLVM fully unrolls their 16-lane loops into
+    scalar code.)"""
+    P = 256 // itemsize
+    if n <= 32 and P > 32:
+        P = 32
+    return P
 
 
-def csr_rows_kernel(indptr, indices, data, x, y, bias=None):
+_L1_TILE = 32 << 10           # bytes of panel rows one column tile keeps in L1
+_L2_TILE = 512 << 10          # the same, kept in L2 (low density)
+_L2_PANEL = 1 << 20           # a whole panel up to this size stays in L2: no tiling
+_TILED_ROWS = 256             # rows whose partial sums (256 x P) one tiled pass keeps
+
+
+def tile_width(ncols: int, P: int, itemsize: int, row_nnz: float) -> int:
+    """Columns of W per tile. A panel that fits ~L2 is not tiled. Otherwise tiles of
+    32 KiB of panel rows (L1) if a row of W then still has >= 8 values per tile, else
+    512 KiB (L2) tiles if >= 4 values, else none."""
+    rowb = P * itemsize
+    if ncols * rowb <= _L2_PANEL:
+        return ncols
+    for tile_bytes, per_tile in ((_L1_TILE, 8.0), (_L2_TILE, 4.0)):
+        T = tile_bytes // rowb
+        if T < ncols and row_nnz * T / ncols >= per_tile:
+            return T
+    return ncols
+
+
+def csr_rows_kernel(indptr, indices, data, x, y, bias=None, T=None, P=None):
     """y[:, r] = sum_k data[k] * x[:, indices[k]] (+ bias[r]) over k in row r, for
     x (n, ncols) and y (n, nrows) with any strides (row-major is fastest).
     ``data`` is in stored order. Shared by :func:`spmm` and, on a transposed
@@ -203,14 +278,17 @@ def csr_rows_kernel(indptr, indices, data, x, y, bias=None):
     n, ncols = x.shape
     if nrows == 0 or n == 0:
         return
-    P = panel_width(ncols, x.itemsize, n)
+    if P is None:
+        P = panel_width(ncols, x.itemsize, n)
     npan = -(-n // P)
-    xp = np.empty((npan, ncols, P), x.dtype)
+    xp = aligned_empty(npan * ncols * P, x.dtype).reshape((npan, ncols, P))
     pack_panels(x, xp)
     nthreads = nb.get_num_threads()
     nchunks = max(1, min(-(-8 * nthreads // npan), -(-nrows // 16)))
     b = _EMPTY[np.dtype(x.dtype)] if bias is None else bias
-    _PANEL_KERNELS[P](indptr, indices, data, xp, b, y, nchunks)
+    if T is None:
+        T = tile_width(ncols, P, x.itemsize, indices.shape[0] / max(1, nrows))
+    _PANEL_KERNELS[P](indptr, indices, data, xp, b, y, nchunks, T)
 
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
