@@ -9,9 +9,10 @@ to 10%), batch 16. After every refresh it records, per sparse layer and in total
 
 * |union of B over all refreshes so far| / K_B (from ``layer.backward_indices()``,
   accumulated in a boolean mask per layer: the layers are small);
-* pool size / K_B and reserve size / K_B (the reserve holds trained coordinates that
-  left B, so it can grow past its nominal 0.25 K_B; untrained entries are trimmed);
-* the cumulative ``trimmed`` counter and the streaming scans (``replenishes``);
+* pool size / K_B and reserve size / K_B (RAM), and the cold store / K_B (trained
+  coordinates that left the RAM pool, on disk);
+* the cumulative ``trimmed`` (untrained entries dropped) and ``unspilled`` (cold
+  entries read back) counters and the streaming scans (``replenishes``);
 * ``memory_report()['total']`` against the compact ideal (memory.compact_ideal_bytes
   of the current K_A, K_B, reserve + 16 B per dense parameter);
 * the training loss (mean of the last 100 steps).
@@ -96,6 +97,8 @@ def run(sf: float, sb: float, steps: int, data: torch.Tensor, seed: int = 0) -> 
                       "pool_over_kb": l.pool_size() / l.k_b,
                       "reserve_over_kb": l.sparse_state.n_reserve / l.k_b,
                       "trimmed": int(l.stats["trimmed"]), "replenishes": int(l.stats["replenishes"]),
+                      "spilled_over_kb": l.stats["spilled"] / l.k_b,
+                      "unspilled": int(l.stats["unspilled"]),
                       "changed_b": float(l.stats["changed_b"])}
         k_b = sum(l.k_b for l in layers.values())
         rep = model.memory_report(opt)
@@ -106,6 +109,9 @@ def run(sf: float, sb: float, steps: int, data: torch.Tensor, seed: int = 0) -> 
                 "reserve_over_kb": sum(l.sparse_state.n_reserve for l in layers.values()) / k_b,
                 "trimmed": sum(p["trimmed"] for p in per.values()),
                 "replenishes": sum(p["replenishes"] for p in per.values()),
+                "spilled_over_kb": sum(l.stats["spilled"] for l in layers.values()) / k_b,
+                "unspilled": sum(p["unspilled"] for p in per.values()),
+                "spilled_bytes": float(rep["spilled"]),
                 "memory_report_total": float(rep["total"]),
                 "compact_ideal": compact_ideal(model),
                 "compact_ideal_nominal_reserve": compact_ideal(model, nominal=True),
@@ -130,6 +136,7 @@ def run(sf: float, sb: float, steps: int, data: torch.Tensor, seed: int = 0) -> 
             h = history[-1]
             print(f"  {sf:g}/{sb:g} step {step:5d} loss {h['loss']:.3f} union/K_B "
                   f"{h['union_over_kb']:.3f} reserve/K_B {h['reserve_over_kb']:.3f} "
+                  f"spilled/K_B {h['spilled_over_kb']:.3f} scans {h['replenishes']} "
                   f"report/ideal {h['memory_report_total'] / h['compact_ideal']:.3f}", flush=True)
         sched.step()
         losses.append(loss.item())
@@ -152,10 +159,12 @@ def plot(runs, path):
                      label=f"pool {lab}")
         axes[1].plot(st, [h["reserve_over_kb"] for h in r["history"]], "s--", ms=3,
                      label=f"reserve {lab}")
+        axes[1].plot(st, [h["spilled_over_kb"] for h in r["history"]], "^:", ms=3,
+                     label=f"on disk {lab}")
         axes[2].plot(st, [h["memory_report_total"] / h["compact_ideal_nominal_reserve"]
                           for h in r["history"]], "o-", ms=3, label=lab)
     axes[0].set_title("|union of B so far| / K_B")
-    axes[1].set_title("pool and reserve size / K_B")
+    axes[1].set_title("pool, reserve (RAM) and cold store (disk) / K_B")
     axes[2].set_title("memory_report total / compact ideal (nominal reserve)")
     for ax in axes:
         ax.set_xlabel("step")

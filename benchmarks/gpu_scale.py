@@ -71,8 +71,6 @@ def run_size(size: int, n: int, steps: int, sf: float, sb: float) -> dict:
     phase("refresh", layer.refresh)
     rec["memory_report_total"] = layer.memory_report(opt)["total"]
     rec["stats"] = layer.stats()["total"]
-    del layer, opt, x
-    torch.cuda.empty_cache()
     return rec
 
 
@@ -95,6 +93,7 @@ def main():
         except torch.cuda.OutOfMemoryError as e:
             rec = {"out": size, "error": f"CUDA OOM: {str(e)[:200]}"}
             torch.cuda.empty_cache()
+        torch.cuda.empty_cache()      # the last size's layer is gone with run_size
         recs.append(rec)
         print(json.dumps(rec), flush=True)
         with open(a.out, "w") as f:

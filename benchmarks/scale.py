@@ -6,9 +6,9 @@ memory_profile.predict) by a binary search over d_model (a multiple of 64) of a
 decoder transformer with L = 16 blocks (memory_profile.transformer, byte
 vocabulary): the largest d whose predicted peak, plus the child's baseline
 (~0.8 GiB) and 3 GiB of headroom, fits the machine's *currently available* memory.
-The prediction counts memory_report's steady state with the reserve grown to 0.7
-K_B (coordinates that leave B at the refresh stay in the reserve with their trained
-values) plus 1.6x the largest layer's steady state (the build / refresh transients,
+The prediction counts memory_report's steady state with the reserve at its cap,
+0.5 K_B (beyond it a refresh spills trained coordinates to the cold store on disk)
+plus 1.6x the largest layer's steady state (the build / refresh transients,
 see tests/test_memory_phases.py).
 
 That configuration then runs in a fresh subprocess (memory_profile.child): build on
@@ -51,7 +51,7 @@ from sparsecore import memory as M  # noqa: E402
 LAYERS = 16
 ORDER = [(0.99, 0.98), (0.8, 0.5), "dense", (0.95, 0.9), (0.9, 0.8), (0.999, 0.998)]
 GOALS = {"0.99/0.98": 3e10, "0.8/0.5": 1.3e9, "0.999/0.998": 1e11}
-RESERVE_AFTER = 0.7   # measured: 0.65 K_B after the first refresh at 99/98 (scale.json)
+RESERVE_AFTER = 0.5   # the reserve's cap: past it a refresh spills to the cold store
 
 
 def predicted(d: int, sf, sb) -> dict:

@@ -266,7 +266,8 @@ def _build(c: dict):
     model = build_model(cfg, dense=c["dense"], forward_sparsity=c["forward_sparsity"],
                         backward_sparsity=c["backward_sparsity"],
                         refresh_every=c["refresh_every"], exploration=c["exploration"],
-                        seed=c["seed"])
+                        seed=c["seed"], spill_dir=os.path.join(c["run_dir"], "spill")
+                        if c.get("run_dir") else None)
     return cfg, model
 
 
@@ -638,7 +639,7 @@ def _summary(model, opt, c, cfg, result, rss_before, seconds) -> dict:
                   + sum(p.numel() for p in model.parameters() if id(p) not in sparse_ids))
         rep = model.memory_report(opt)
         state = int(rep["total"])
-        reserve = (int(rep["reserve"]), plan["sparsecore"]["reserve"])
+        reserve = (int(rep["reserve"]), plan["sparsecore"]["reserve"], int(rep["spilled"]))
         tot = model.stats()["total"]
         union_b = tot["ever_in_b"] / max(1, tot["nnz_b"])
     return {"run_dir": c["run_dir"], "steps": result["step"], "target_steps": c["steps"],
@@ -672,10 +673,11 @@ def _print_summary(s: dict, run_dir: str) -> None:
     print(f"        {kind} model + optimizer state: {fmt_bytes(s['state_bytes'])}"
           + ("" if s["dense"] else " (memory_report())"))
     if s["reserve_bytes_and_planned"]:
-        have, planned = s["reserve_bytes_and_planned"]
-        print(f"        of which reserve {fmt_bytes(have)} (nominal {fmt_bytes(planned)}; it keeps "
-              "every trained coordinate that left B, see docs/design.md); union of B over "
-              f"the run: {s['union_of_b_over_k_b']:.2f} x K_B")
+        have, planned, spilled = s["reserve_bytes_and_planned"]
+        print(f"        of which reserve {fmt_bytes(have)} (nominal {fmt_bytes(planned)}); "
+              f"on disk: {fmt_bytes(spilled)} of trained coordinates that left B (the cold "
+              f"store, see docs/design.md); union of B over the run: "
+              f"{s['union_of_b_over_k_b']:.2f} x K_B")
     print(f"        dense Adam model + optimizer state: {fmt_bytes(s['dense_adam_state_bytes'])}"
           f" (estimate); activations about {fmt_bytes(s['activations_estimate'])} for both")
     print(f"files: {os.path.join(run_dir, CHECKPOINT)}, {METRICS}, {PLOT}, {SUMMARY}")

@@ -19,8 +19,9 @@ A store is one immutable run sorted by flat index: two files, ``<prefix>.idx``
 directory (``spill_dir``, else ``$SPARSECORE_SPILL_DIR``, else a per-process
 temporary directory). A refresh that changes the store writes a new run and the
 old files are deleted when the last state holding them is dropped. Files are
-read and written in chunks of :data:`CHUNK` entries (96 MiB of float32 data at
-most in flight; 12 B per entry on disk), so RAM never holds the store.
+read and written in chunks of :data:`CHUNK` entries (24 MiB with float32 values;
+12 B per entry on disk), so RAM never holds the store; a refresh's spill buffer
+is one such chunk.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import numpy as np
 
 from .kernels.cpu import pool as _pool
 
-CHUNK = 1 << 22          # entries per read / write chunk (48 MiB for float32 values)
+CHUNK = 1 << 21          # entries per read / write chunk (24 MiB with float32 values)
 _DEFAULT_DIR: list = []  # the per-process temporary directory, created on first use
 
 

@@ -12,25 +12,26 @@ all of B below the floor in a few steps: full churn, the worst case), save, load
 
 Each transient is compared with S, the layer's steady-state bytes: values + grad +
 AdamW exp_avg + exp_avg_sq (16 K_B) + ``sparse_state.nbytes()`` (indices and
-reserve), taken after the phase (build: with grad and AdamW state counted; the refresh grows the reserve: trained
-coordinates that left B stay in it). The bounds below are what the engine meets
-today with a margin of about 0.3-0.5 S (measured on the shared 2-core machine,
-see docs/benchmarks.md, "Memory per phase"); DESIGN.md's target is a transient
-<= 0.25 S for every phase, which step, save and load-of-a-multi-layer-model meet,
-and build, refresh and single-layer load do not:
+reserve; the cold store is on disk), taken after the phase (build: with grad and
+AdamW state counted). The issue's target is <= 1.25 S for build, refresh, save and
+load; the bounds below are what the engine meets with some margin (measured on the
+shared 2-core machine, see docs/benchmarks.md, "Memory per phase"):
 
 =================  ========  =====================================================
 phase              measured  bound   what the transient is
 =================  ========  =====================================================
-build               ~1.15     1.4    scan candidates (12 B each) next to the
+build               ~1.14     1.4    scan candidates (12 B each) next to the
                                      exact-size outputs (~2x the built layer)
 first step          ~0.73     0.9    grad + AdamW state (0.45 S, permanent) + step
 step                ~0.3-0.45 0.5    a K_B gradient to accumulate + AdamW's denom
-refresh+replenish   ~1.5      1.8    scan result and its deduplicated copy, new
-                                     structure, src, pre-trim reserve and its copy
-save                ~0.00     0.05   nothing (safetensors writes from pointers)
-load                ~1.3      1.6    one layer's tensors read + cloned by
-                                     SparseState.from_tensors + new transpose
+refresh+replenish   ~1.15     1.35   scan candidates, new structure and src; the
+                                     reserve is cut to its target and trained
+                                     entries below it are spilled in 24 MiB chunks
+save                ~0.44     0.6    the cold store's pages, read through its memory
+                                     map by safetensors (file-backed, reclaimable)
+load                ~1.2-1.6  1.7    one layer's tensors (cold entries included) read
+                                     twice, to validate and to apply, + new transpose;
+                                     the cold entries are written back to disk
 =================  ========  =====================================================
 
 The sanity phase repeats the refresh while holding one extra pool-sized array
@@ -49,8 +50,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = 32 << 20   # fixed allowance (allocator arenas, small arrays)
-BOUNDS = {"build": 1.4, "first_step": 0.9, "step": 0.5, "refresh": 1.8, "save": 0.05,
-          "load": 1.6}
+BOUNDS = {"build": 1.4, "first_step": 0.9, "step": 0.5, "refresh": 1.35, "save": 0.6,
+          "load": 1.7}
 
 _SCRIPT = textwrap.dedent(r"""
     import ctypes, gc, json, sys, time

@@ -141,14 +141,16 @@ def _materialise_dense(module: nn.Module, seed: int) -> None:
 
 def build_model(cfg: GPTConfig, *, dense: bool = False, forward_sparsity: float = 0.9,
                 backward_sparsity: float = 0.8, refresh_every: int = 100,
-                exploration: float = 1e-4, seed: int = 0, verbose: bool = False) -> nn.Module:
+                exploration: float = 1e-4, seed: int = 0, verbose: bool = False,
+                spill_dir: str | None = None) -> nn.Module:
     """Build the reference model without ever allocating its dense form.
 
     Sparse (default): a :class:`sparsecore.SparseModel` whose attention and MLP
     projections are Top-KAST layers; the embedding, norms and ``lm_head`` stay dense.
     ``dense=True``: the same architecture trained dense (for comparison), initialised
     from the same distributions under the same seed. ``verbose`` prints SparseModel's
-    summary of what became sparse.
+    summary of what became sparse. ``spill_dir`` holds the layers' cold stores (see
+    :mod:`sparsecore.spill`).
     """
     from ..model import SparseModel
 
@@ -159,4 +161,5 @@ def build_model(cfg: GPTConfig, *, dense: bool = False, forward_sparsity: float 
         return net
     return SparseModel(net, forward_sparsity=forward_sparsity,
                        backward_sparsity=backward_sparsity, refresh_every=refresh_every,
-                       exploration=exploration, seed=seed, exclude=DENSE_LAYERS, verbose=verbose)
+                       exploration=exploration, seed=seed, exclude=DENSE_LAYERS, verbose=verbose,
+                       spill_dir=spill_dir)
