@@ -240,6 +240,8 @@ def child(spec: dict) -> dict:
         phase("build", lambda: state.update(model=build(d, n_layers)))
         model = state["model"]
         opt = torch.optim.AdamW(model.parameters(), lr=spec.get("lr", 1e-3))
+        if sparse:
+            model.attach(opt)       # the refresh below remaps this optimizer's state
 
         def two_steps():
             t0 = time.perf_counter()
