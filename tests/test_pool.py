@@ -335,3 +335,20 @@ def test_row_starts():
     flat = np.array([0, 3, 4, 17, 40, 41], np.int64)
     assert pool.row_starts(flat, np.int64(10), 5).tolist() == [0, 3, 4, 4, 4, 6]
     assert pool.row_starts(flat[:0], np.int64(10), 2).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("n_cand", [0, 1, 7, 90, 1000])
+def test_dedupe_candidates_parallel_parts_equal_setdiff(n_cand):
+    """Candidates split into parallel parts, duplicates at part boundaries, empty rows,
+    and indices past the last row (dropped)."""
+    rng = np.random.default_rng(n_cand)
+    n_rows, n_cols = 40, 150
+    (fa, _), (fx, _), (fr, _), _ = _layer_pieces(rng, n_rows, n_cols, (900, 700, 1200, 0),
+                                                 np.float32, "normal", (0, 5, 6))
+    a_ip, a_c = flat_to_csr(fa, n_rows, n_cols)
+    x_ip, x_c = flat_to_csr(fx, n_rows, n_cols)
+    n = n_rows * n_cols
+    cand = np.sort(rng.choice(n + 50, n_cand, replace=False)).astype(np.int64)
+    expect = np.setdiff1d(cand[cand < n], np.concatenate([fa, fx, fr]))
+    m = pool.dedupe_candidates(np.int64(n_cols), a_ip, a_c, x_ip, x_c, fr, cand)
+    assert np.array_equal(cand[:m], expect)
