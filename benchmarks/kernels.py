@@ -29,9 +29,11 @@ Backends:
   ``torch.sparse.sampled_addmm`` for sddmm (n/a where it fails).
 * ``dense``:             ``X @ W.t()``, ``G @ W``, ``G.t() @ X`` (torch, MKL/oneDNN).
 
-Also measured: top-K ``select`` vs one memory pass over the same vector (numpy
-``np.abs(v, out=buf)``, single-threaded read + write, and a 2-thread Numba pass
-sum(|v|)), and the counter-based init: ``init_values`` and the streaming
+Also measured: top-K ``select`` (positions) and ``threshold`` (the exact K-th
+largest magnitude with its tie counts, ``select.topk_threshold``, what the
+refresh uses, over the vector split into three pieces like the pool) vs one
+memory pass over the same vector (numpy ``np.abs(v, out=buf)``, single-threaded
+read + write, and a 2-thread Numba pass sum(|v|)), and the counter-based init: ``init_values`` and the streaming
 ``scan`` in ns per coordinate.
 
 Usage::
@@ -72,6 +74,7 @@ sys.path.insert(0, str(HERE))
 from _common import pyplot  # noqa: E402
 
 from sparsecore import kernels as K  # noqa: E402
+from sparsecore.kernels.cpu import select as _select  # noqa: E402
 
 SIZES = [1024, 4096, 16384]
 DENSITIES = [0.1, 0.01]
@@ -283,21 +286,27 @@ def bench_select(n: int, fracs, rounds: int) -> list[dict]:
     recs = []
     for frac in fracs:
         k = int(n * frac)
+        pieces = [v[: n // 2], v[n // 2: (4 * n) // 5], v[(4 * n) // 5:]]   # like A+X, R, C
         fns = {"select": lambda: K.select_topk(v_t, k),
+               "threshold": lambda: _select.topk_threshold(pieces, k),
                "np_abs": lambda: np.abs(v, out=buf),
                "numba_abs_sum": lambda: _abs_sum(v)}
         med = interleaved(fns, rounds)
         ts = med["select"][0]
+        tt = med["threshold"][0]
         recs.append({"product": "select", "n": n, "k": k, "k_frac": frac,
-                     "select_ms": ts * 1e3, "np_abs_ms": med["np_abs"][0] * 1e3,
+                     "select_ms": ts * 1e3, "threshold_ms": tt * 1e3,
+                     "np_abs_ms": med["np_abs"][0] * 1e3,
                      "numba_abs_sum_ms": med["numba_abs_sum"][0] * 1e3,
                      "ratio_to_np_abs": ts / med["np_abs"][0],
                      "ratio_to_numba_pass": ts / med["numba_abs_sum"][0],
+                     "threshold_ratio_to_numba_pass": tt / med["numba_abs_sum"][0],
                      "rounds": med["select"][1]})
         r = recs[-1]
         print(f"select n={n:.0e} k={frac:>5}: {r['select_ms']:8.1f} ms = "
               f"{r['ratio_to_np_abs']:5.2f} x np.abs pass, {r['ratio_to_numba_pass']:5.2f} x "
-              f"2-thread Numba pass", flush=True)
+              f"2-thread Numba pass; threshold {r['threshold_ms']:7.1f} ms = "
+              f"{r['threshold_ratio_to_numba_pass']:5.2f} x Numba pass", flush=True)
     return recs
 
 

@@ -187,19 +187,19 @@ def profile_refresh(layer, opt) -> dict:
     total = time.perf_counter() - t0
     st = pstats.Stats(pr)
     want = {  # (file suffix, function) -> label
-        ("topkast.py", "refresh_pool"): "refresh_pool (selection, total)",
-        ("topkast.py", "_merge"): "  merge pool (argsort)",
-        ("select.py", "kth_largest_magnitude"): "  kth largest (floor check)",
-        ("select.py", "select_topk"): "  select_topk (B, then A in B)",
+        ("topkast.py", "refresh"): "topkast.refresh (pure refresh, total)",
+        ("select.py", "topk_thresholds"): "  thresholds (select over the pool)",
+        ("pool.py", "tie_flats_sorted"): "  tie lookup",
+        ("pool.py", "split_pool"): "  split (parallel, total)",
+        ("pool.py", "_split_counts"): "    split counts",
+        ("pool.py", "_split_write"): "    split write",
+        ("pool.py", "split_rows"): "  split_rows (serial fallback)",
         ("init.py", "scan"): "  replenish scan",
-        ("layers.py", "remap"): "optimizer/grad state remap",
-        ("layers.py", "_commit"): "commit (CSR build + transpose)",
-        ("topkast.py", "flat_to_csr"): "  flat_to_csr",
-        ("spmm_t.py", "transpose_csr"): "  transpose of A",
-        ("layers.py", "_a_flat"): "old A/X to flat (csr_to_flat)",
-        ("layers.py", "_x_flat"): "old A/X to flat (csr_to_flat)",
-        ("_arraysetops_impl.py", "intersect1d"): "stats (intersect1d)",
-        ("arraysetops.py", "intersect1d"): "stats (intersect1d)",
+        ("spill.py", "replenish_pass"): "  cold store read-back",
+        ("spill.py", "rewrite"): "  cold store rewrite",
+        ("state.py", "_transpose"): "new state: transpose of A",
+        ("layers.py", "remap_tensor"): "optimizer/grad state remap",
+        ("pool.py", "gather_or_zero"): "  gather_or_zero",
     }
     out: dict[str, float] = {"total": total}
     for (fname, _line, func), (_cc, _nc, _tt, ct, _callers) in st.stats.items():

@@ -115,12 +115,7 @@ def _cut(pool_args: tuple, mask, t, n_taken: int, n_equal: int) -> int:
     (``pool_args`` as :func:`sparsecore.kernels.cpu.pool.tie_flats` takes them)."""
     if n_taken == n_equal:
         return _ALL
-    out = np.empty(64, np.int64)
-    cnt = _pool.tie_flats(*pool_args, mask, t, out)
-    if cnt > out.shape[0]:
-        out = np.empty(cnt, np.int64)
-        _pool.tie_flats(*pool_args, mask, t, out)
-    ties = np.sort(out[:cnt])
+    ties = _pool.tie_flats_sorted(*pool_args, mask, t)
     return int(ties[n_taken - 1])
 
 
@@ -157,8 +152,15 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
     replenished = added = unspilled = 0
     while True:
         pieces = [values, r_val, c_val]
-        if sum(p.shape[0] for p in pieces) >= k_b:
-            kth = _select.kth_largest_magnitude(pieces, k_b)
+        n_pool = sum(p.shape[0] for p in pieces)
+        if n_pool >= k_b:
+            # the thresholds the split needs, in the same read of the pool as the K_B-th
+            # largest magnitude (the floor check); recomputed if the pool grows below
+            ks = [k_b, k_a]
+            if reserve_cap is not None and n_pool - k_b > reserve_cap:
+                ks.append(k_b + reserve_target)
+            sel = _select.topk_thresholds(pieces, ks)
+            kth = _select.key_to_magnitude(sel[0][0], dtype)
         else:
             kth = -math.inf
         if kth >= floor:
@@ -192,9 +194,8 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
     ckeys = _select._as_keys(c_val)[0]
     pool_args = (np.int64(n_cols), a_indptr, a_cols, x_indptr, x_cols, values, vkeys,
                  r_flat, r_val, rkeys, c_flat, c_val, ckeys)
-    pieces = [values, r_val, c_val]
-    t_b, n_b, _, eq_b = _select.topk_threshold(pieces, k_b)
-    t_a, n_a, _, eq_a = _select.topk_threshold(pieces, k_a)
+    t_b, n_b, _, eq_b = sel[0]
+    t_a, n_a, _, eq_a = sel[1]
     cut_b = _cut(pool_args, mask, t_b, n_b, eq_b)
     cut_a = _cut(pool_args, mask, t_a, n_a, eq_a)
 
@@ -205,7 +206,7 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
     if reserve_cap is not None and n_res > reserve_cap:
         # keep the reserve_target largest non-B entries and every entry tied with
         # the smallest of them; the floor rises to that magnitude
-        t_r, n_r, _, eq_r = _select.topk_threshold(pieces, k_b + reserve_target)
+        t_r, n_r, _, eq_r = sel[2]
         n_res = reserve_target - n_r + eq_r
         floor = max(floor, float(np.array([t_r], mask.dtype).view(dtype)[0]))
     na_indptr = np.empty(n_rows + 1, np.int64)
@@ -218,22 +219,31 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
     nr_val = np.empty(n_res, dtype)
     sp_n = min(_spill.CHUNK, n_pool - k_b - n_res)
     sp_flat, sp_val = np.empty(sp_n, np.int64), np.empty(sp_n, dtype)
-    cur = np.zeros(10, np.int64)
     writer = None
     key_u = _init.key_to_uint64(spec.key)
     directory = spill_dir or _spill.default_dir()
-    while True:
-        ns = _pool.split_rows(*pool_args, mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b), t_r,
-                              key_u, spec.kind, spec.param, spec.dtype == np.float32,
-                              na_indptr, na_cols, nx_indptr, nx_cols, nvals, src, nr_flat,
-                              nr_val, sp_flat, sp_val, cur)
-        if ns:
-            writer = writer or _spill.Writer(directory, dtype)
-            writer.write(sp_flat[:ns], sp_val[:ns])
-        if cur[0] == n_rows:
-            break
-    if cur[7] != n_res:
-        raise AssertionError(f"reserve size {cur[7]} != {n_res}")   # a bug, never user input
+    split_args = (*pool_args, mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b), t_r, key_u,
+                  spec.kind, spec.param, spec.dtype == np.float32, na_indptr, na_cols,
+                  nx_indptr, nx_cols, nvals, src, nr_flat, nr_val, sp_flat, sp_val)
+
+    def emit(ns):
+        nonlocal writer
+        writer = writer or _spill.Writer(directory, dtype)
+        writer.write(sp_flat[:ns], sp_val[:ns])
+
+    try:    # two parallel passes; the serial merge walk when a row outgrows the buffer
+        n_kept, n_dropped = _pool.split_pool(*split_args, emit)
+    except _pool.SpillBufferTooSmall:
+        cur = np.zeros(10, np.int64)
+        while True:
+            ns = _pool.split_rows(*split_args, cur)
+            if ns:
+                emit(ns)
+            if cur[0] == n_rows:
+                break
+        n_kept, n_dropped = int(cur[7]), int(cur[8])
+    if n_kept != n_res:
+        raise AssertionError(f"reserve size {n_kept} != {n_res}")   # a bug, never user input
     del c_flat, c_val, sp_flat, sp_val
     spilled = writer.close() if writer is not None else _spill.ColdStore.empty(dtype)
     new_cold = _spill.rewrite(cold, floor_read if unspilled else math.inf, spilled, directory)
@@ -243,7 +253,7 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
                             torch.from_numpy(nr_val), float(floor), state.key, cold=new_cold)
     trained = _count_trained(key_u, nr_flat, nr_val, spec.kind, spec.param,
                              spec.dtype == np.float32)
-    info = {"replenished": replenished, "scanned_added": added, "trimmed": int(cur[8]),
+    info = {"replenished": replenished, "scanned_added": added, "trimmed": n_dropped,
             "spilled": spilled.n, "unspilled": unspilled,
             "trained_in_reserve": int(trained)}
     if want_src:

@@ -1042,3 +1042,57 @@ def test_non_cpu_tensors_are_routed_to_the_dispatch_point():
         kernels.select_topk(torch.empty(5, device="meta"), 2)
     with pytest.raises(NotImplementedError, match=r"no kernel backend for device meta"):
         kernels.init_values(1, torch.arange(4, device="meta"), param=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# topk_thresholds: the sampled one-read route (pools of >= 4 * 32768 keys) against sorting
+# and the histogram route
+# --------------------------------------------------------------------------------------------
+
+def _threshold_by_sort(pieces, k):
+    """(key, n_ties, n_equal) of the k-th largest magnitude, by sorting."""
+    from sparsecore.kernels.cpu import select as sel
+    keys = np.concatenate([sel._as_keys(p)[0] & sel._as_keys(p)[1] for p in pieces])
+    srt = np.sort(keys)[::-1]
+    t = srt[k - 1]
+    n_gt = int(np.count_nonzero(keys > t))
+    return int(t), k - n_gt, int(np.count_nonzero(keys == t))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("style", ["normal", "mixed", "ties", "skewed"])
+def test_topk_thresholds_sampled_route_matches_sort(dtype, style):
+    from sparsecore.kernels.cpu import select as sel
+    rng = np.random.default_rng(11)
+    n = 200_003
+    if style == "normal":
+        pieces = [rng.standard_normal(n).astype(dtype), rng.standard_normal(n // 3).astype(dtype),
+                  np.empty(0, dtype)]
+    elif style == "mixed":
+        v = rng.standard_normal(n).astype(dtype)
+        m = rng.random(n) < 0.3
+        v[m] = rng.choice(_TIE_POOL, int(m.sum())).astype(dtype)
+        pieces = [v[:1000], np.empty(0, dtype), v[1000:]]
+    elif style == "ties":          # brackets overflow: the histogram route answers
+        pieces = [rng.choice(_TIE_POOL, n).astype(dtype), _near_bits(rng, n // 2, dtype)]
+    else:   # pieces sorted by magnitude, as A / X / reserve are: candidates in few blocks
+        big = np.sort(np.abs(rng.standard_normal(n)))[::-1].astype(dtype)
+        pieces = [big, np.full(40_000, big[n // 2], dtype), big[n // 2: n // 2 + 5].copy()]
+    total = sum(p.shape[0] for p in pieces)
+    ks_all = [1, 2, 17, total // 3, total // 2, total - 5, total - 1, total]
+    for ks in (ks_all[:1], ks_all[3:5], ks_all[5:8], ks_all):
+        got = sel.topk_thresholds(pieces, ks)
+        for k, g in zip(ks, got):
+            t, n_ties, mask, n_eq = g
+            assert (int(t), n_ties, n_eq) == _threshold_by_sort(pieces, k), (style, k)
+            assert type(t) is type(mask)
+        with num_threads(1):
+            assert [tuple(map(int, (g[0], g[1], g[3]))) for g in
+                    sel.topk_thresholds(pieces, ks, nparts=3)] == [
+                        tuple(map(int, (g[0], g[1], g[3]))) for g in got]
+    keyed = [sel._as_keys(p)[0] for p in pieces]
+    for k in (1, total // 2, total):
+        h = sel._topk_threshold_hist(keyed, sel._as_keys(pieces[0])[1], k, 8)
+        assert (int(h[0]), h[1], h[3]) == _threshold_by_sort(pieces, k)
+        assert kth_largest_magnitude(pieces, k) == np.sort(np.abs(np.concatenate(
+            pieces)).astype(np.float64))[::-1][k - 1]

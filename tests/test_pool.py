@@ -203,3 +203,152 @@ def test_check_cold_finds_each_defect():
     assert "not sorted" in check(fc[::-1].copy())
     assert "not sorted" in check(np.concatenate([fc[:-1], [n]]))
     assert "not below the floor" in check(fc, fl=float(np.abs(vc).max()))
+
+
+# --------------------------------------------------------------------------------------
+# the parallel split (split_pool) and tie lookup (tie_flats_sorted) against the serial
+# merge walk (split_rows, tie_flats)
+# --------------------------------------------------------------------------------------
+
+def _layer_pieces(rng, n_rows, n_cols, sizes, dtype, style, empty_rows=()):
+    """Disjoint random A, X, R, C (sorted flat indices, values) over n_rows x n_cols,
+    avoiding ``empty_rows``; ``style`` "ties" draws few distinct magnitudes, "theta0"
+    makes a third of the entries hold theta0 (they are dropped, not spilled)."""
+    allowed = np.array([f for f in range(n_rows * n_cols) if f // n_cols not in empty_rows])
+    idx = rng.choice(allowed, size=sum(sizes), replace=False).astype(np.int64)
+    if style == "ties":
+        vals = rng.choice(np.array([-2, -1, -0.5, 0.5, 1, 2, 0.0], dtype), idx.shape[0])
+    else:
+        vals = rng.standard_normal(idx.shape[0]).astype(dtype)
+    if style == "theta0":
+        vals[::3] = init.init_values(1234, idx[::3], 0, 1.0, dtype)
+    out, s = [], 0
+    for n in sizes:
+        order = np.argsort(idx[s:s + n])
+        out.append((idx[s:s + n][order], vals[s:s + n][order]))
+        s += n
+    return out
+
+
+def _split_both(n_rows, n_cols, pieces, k_a, k_b, keep, cap, want_src=True):
+    """Run split_rows (resumed until done) and split_pool on the same pool and
+    thresholds; return both results (outputs, spilled stream, reserve size, dropped)."""
+    (fa, va), (fx, vx), (fr, vr), (fc, vc) = pieces
+    dtype = va.dtype
+    a_ip, a_c = flat_to_csr(fa, n_rows, n_cols)
+    x_ip, x_c = flat_to_csr(fx, n_rows, n_cols)
+    vals = np.concatenate([va, vx])
+    vkeys, mask = select._as_keys(vals)
+    pool_args = (np.int64(n_cols), a_ip, a_c, x_ip, x_c, vals, vkeys, fr, vr,
+                 select._as_keys(vr)[0], fc, vc, select._as_keys(vc)[0])
+    ths = select.topk_thresholds([vals, vr, vc], [k_a, k_b] + ([k_b + keep] if keep else []))
+    cuts = []
+    for t, n_taken, _, n_eq in ths[:2]:
+        ties = pool.tie_flats_sorted(*pool_args, mask, t)
+        out = np.empty(max(n_eq, 1), np.int64)
+        assert pool.tie_flats(*pool_args, mask, t, out) == n_eq == ties.shape[0]
+        assert np.array_equal(np.sort(out[:n_eq]), ties)
+        cuts.append((t, ties[n_taken - 1] if n_taken < n_eq else 1 << 62))
+    (t_a, cut_a), (t_b, cut_b) = cuts
+    n_pool = len(fa) + len(fx) + len(fr) + len(fc)
+    if keep:
+        t_r, n_r, _, eq_r = ths[2]
+        n_res = keep - n_r + eq_r
+    else:
+        t_r, n_res = mask.dtype.type(0), n_pool - k_b
+    results = []
+    for parallel in (False, True):
+        outs = [np.full(n, -7, dt) for n, dt in (
+            (n_rows + 1, np.int64), (k_a, np.int32), (n_rows + 1, np.int64),
+            (k_b - k_a, np.int32), (k_b, dtype), (k_b if want_src else 0, np.int32),
+            (n_res, np.int64), (n_res, dtype))]
+        sp_f, sp_v = np.empty(cap, np.int64), np.empty(cap, dtype)
+        got_f, got_v, calls = [], [], []
+        args = (*pool_args, mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b), t_r, KEY, 0, 1.0,
+                dtype == np.float32, *outs, sp_f, sp_v)
+        if parallel:
+            def emit(ns):
+                assert 0 < ns <= cap
+                got_f.extend(sp_f[:ns].tolist())
+                got_v.extend(sp_v[:ns].tolist())
+                calls.append(ns)
+            n_kept, dropped = pool.split_pool(*args, emit)
+        else:
+            cur = np.zeros(10, np.int64)
+            while cur[0] < n_rows:
+                ns = pool.split_rows(*args, cur)
+                got_f += sp_f[:ns].tolist()
+                got_v += sp_v[:ns].tolist()
+            n_kept, dropped = int(cur[7]), int(cur[8])
+        results.append((outs, got_f, got_v, n_kept, dropped))
+    return results
+
+
+def _assert_same(results):
+    (o1, f1, v1, n1, d1), (o2, f2, v2, n2, d2) = results
+    for a, b in zip(o1, o2):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert f1 == f2 and v1 == v2 and (n1, d1) == (n2, d2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("style", ["normal", "ties", "theta0"])
+@pytest.mark.parametrize("shape,sizes,empty_rows", [
+    ((13, 17), (30, 30, 30, 30), ()),
+    ((40, 150), (900, 700, 1200, 0), (0, 5, 6, 39)),       # several bitmap words per row
+    ((40, 150), (600, 0, 900, 400), (3,)),                 # X empty
+    ((7, 64), (100, 90, 0, 0), (1,)),                      # only B
+    ((5, 200), (1, 0, 0, 300), ()),                        # one A entry, C only
+])
+def test_split_pool_equals_split_rows(dtype, style, shape, sizes, empty_rows):
+    rng = np.random.default_rng(sum(sizes) + len(style))
+    n_rows, n_cols = shape
+    pieces = _layer_pieces(rng, n_rows, n_cols, sizes, dtype, style, empty_rows)
+    n_pool = sum(sizes)
+    for k_b in sorted({1, n_pool // 3, (2 * n_pool) // 3, n_pool}):
+        for k_a in sorted({1, max(1, k_b // 2), k_b}):
+            _assert_same(_split_both(n_rows, n_cols, pieces, k_a, k_b, 0, 0))
+            if n_pool - k_b >= 4:
+                keep = (n_pool - k_b) // 3
+                for cap in (n_cols, n_pool):
+                    _assert_same(_split_both(n_rows, n_cols, pieces, k_a, k_b, keep, cap))
+    _assert_same(_split_both(n_rows, n_cols, pieces, 1, n_pool // 2, 0, 0, want_src=False))
+
+
+def test_split_pool_spills_in_flat_order_across_buffer_fills():
+    rng = np.random.default_rng(3)
+    pieces = _layer_pieces(rng, 40, 150, (300, 300, 2500, 500), np.float32, "theta0")
+    res = _split_both(40, 150, pieces, 100, 500, 300, 150)
+    _assert_same(res)
+    outs, got_f, _, _, dropped = res[1]
+    assert len(got_f) > 3 * 150 and dropped > 0 and got_f == sorted(got_f)
+
+
+def test_split_pool_refuses_a_buffer_smaller_than_a_row():
+    rng = np.random.default_rng(4)
+    pieces = _layer_pieces(rng, 13, 17, (20, 20, 150, 0), np.float32, "normal")
+    with pytest.raises(pool.SpillBufferTooSmall):
+        _split_both(13, 17, pieces, 10, 30, 10, 2)
+
+
+def test_row_starts():
+    flat = np.array([0, 3, 4, 17, 40, 41], np.int64)
+    assert pool.row_starts(flat, np.int64(10), 5).tolist() == [0, 3, 4, 4, 4, 6]
+    assert pool.row_starts(flat[:0], np.int64(10), 2).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("n_cand", [0, 1, 7, 90, 1000])
+def test_dedupe_candidates_parallel_parts_equal_setdiff(n_cand):
+    """Candidates split into parallel parts, duplicates at part boundaries, empty rows,
+    and indices past the last row (dropped)."""
+    rng = np.random.default_rng(n_cand)
+    n_rows, n_cols = 40, 150
+    (fa, _), (fx, _), (fr, _), _ = _layer_pieces(rng, n_rows, n_cols, (900, 700, 1200, 0),
+                                                 np.float32, "normal", (0, 5, 6))
+    a_ip, a_c = flat_to_csr(fa, n_rows, n_cols)
+    x_ip, x_c = flat_to_csr(fx, n_rows, n_cols)
+    n = n_rows * n_cols
+    cand = np.sort(rng.choice(n + 50, n_cand, replace=False)).astype(np.int64)
+    expect = np.setdiff1d(cand[cand < n], np.concatenate([fa, fx, fr]))
+    m = pool.dedupe_candidates(np.int64(n_cols), a_ip, a_c, x_ip, x_c, fr, cand)
+    assert np.array_equal(cand[:m], expect)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from numba.cpython.unsafe.numbers import trailing_zeros
+
 from . import init as _init
 
 _BIG = np.int64(1) << np.int64(62)
@@ -60,39 +62,64 @@ def _pop(which, k_a, pa, px, pr, pc, vals, vkeys, r_val, rkeys, c_val, ckeys, ma
     return -1, c_val[pc], ckeys[pc] & mask, pa, px, pr, pc + 1
 
 
-@nb.njit(cache=True)
-def dedupe_candidates(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, c_flat):
-    """Compact ``c_flat`` (sorted) in place, dropping indices already in A, X or R;
-    returns the number kept. O(pool + candidates)."""
+@nb.njit(parallel=True, cache=True)
+def _dedupe_keep(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, r_ptr, c_flat, c_ptr,
+                 nchunks, keep):
+    """keep[i] = 1 when c_flat[i] (sorted) is inside the layer and in none of A, X,
+    R. Row blocks in parallel; per row, the pool's columns are set in a bitmap and
+    each candidate tests its bit (no merge walk, no data-dependent branch)."""
     n_rows = a_indptr.shape[0] - 1
-    pa = np.int64(0)
-    px = np.int64(0)
-    pr = np.int64(0)
-    keep = np.int64(0)
-    pc = np.int64(0)
-    nc = c_flat.shape[0]
-    while pc < nc:
-        f = c_flat[pc]
-        row = f // n_cols
-        col = f - row * n_cols
-        if row >= n_rows:
-            break
-        pa = max(pa, a_indptr[row])
-        while pa < a_indptr[row + 1] and a_cols[pa] < col:
-            pa += 1
-        px = max(px, x_indptr[row])
-        while px < x_indptr[row + 1] and x_cols[px] < col:
-            px += 1
-        while pr < r_flat.shape[0] and r_flat[pr] < f:
-            pr += 1
-        dup = ((pa < a_indptr[row + 1] and a_cols[pa] == col)
-               or (px < x_indptr[row + 1] and x_cols[px] == col)
-               or (pr < r_flat.shape[0] and r_flat[pr] == f))
-        if not dup:
-            c_flat[keep] = f
-            keep += 1
-        pc += 1
-    return keep
+    w = (n_cols + 63) >> 6
+    per = (n_rows + nchunks - 1) // nchunks
+    one = np.uint64(1)
+    for ch in nb.prange(nchunks):
+        r0 = ch * per
+        r1 = min(r0 + per, n_rows)
+        if r0 >= r1:
+            continue
+        bits = np.zeros(w, np.uint64)
+        for row in range(r0, r1):
+            if c_ptr[row] == c_ptr[row + 1]:
+                continue
+            base = np.int64(row) * n_cols
+            for p in range(a_indptr[row], a_indptr[row + 1]):
+                col = np.int64(a_cols[p])
+                bits[col >> 6] |= one << np.uint64(col & 63)
+            for p in range(x_indptr[row], x_indptr[row + 1]):
+                col = np.int64(x_cols[p])
+                bits[col >> 6] |= one << np.uint64(col & 63)
+            for p in range(r_ptr[row], r_ptr[row + 1]):
+                col = r_flat[p] - base
+                bits[col >> 6] |= one << np.uint64(col & 63)
+            for p in range(c_ptr[row], c_ptr[row + 1]):
+                col = c_flat[p] - base
+                keep[p] = 1 - np.uint8((bits[col >> 6] >> np.uint64(col & 63)) & one)
+            bits[:] = 0
+    for p in range(c_ptr[n_rows], c_flat.shape[0]):     # past the last row
+        keep[p] = 0
+
+
+@nb.njit(cache=True)
+def _compact(c_flat, keep):
+    m = np.int64(0)
+    for i in range(c_flat.shape[0]):
+        c_flat[m] = c_flat[i]
+        m += np.int64(keep[i])
+    return m
+
+
+def dedupe_candidates(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, c_flat):
+    """Compact ``c_flat`` (sorted) in place, dropping indices already in A, X or R
+    (and any past the last row); returns the number kept. O(pool + candidates):
+    a parallel marking pass over the rows holding candidates, then one serial
+    compaction."""
+    n_rows = a_indptr.shape[0] - 1
+    n_cols = np.int64(n_cols)
+    keep = np.empty(c_flat.shape[0], np.uint8)
+    _dedupe_keep(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat,
+                 row_starts(r_flat, n_cols, n_rows), c_flat, row_starts(c_flat, n_cols, n_rows),
+                 np.int64(4 * nb.get_num_threads()), keep)
+    return int(_compact(c_flat, keep))
 
 
 @nb.njit(cache=True)
@@ -351,3 +378,346 @@ def check_cold(n_cols, a_indptr, a_cols, x_indptr, x_cols, r_flat, c_flat, c_val
     return {1: f"cold indices are not sorted, unique and in [0, {n_total}) (entry {i})",
             2: f"cold value {c_val[i]} at entry {i} is not below the floor {floor}",
             3: f"cold entry {i} (flat index {c_flat[i]}) is also in the pool"}[int(codes[i])]
+
+
+# ------------------------------------------------------------------ parallel split
+# The same split as :func:`split_rows`, without the four-way merge walk: every pool
+# entry's destination depends only on its own key and flat index, so a first
+# parallel pass counts per row (giving every output offset), and a second writes
+# each row by scattering its entries into a row-sized scratch (value, old position,
+# one bit per column in the bitmap of its destination) and reading the bitmaps back
+# in column order. No data-dependent branch per entry in either pass.
+
+class SpillBufferTooSmall(ValueError):
+    """:func:`split_pool` cannot run: one row has more entries leaving RAM than the
+    spill buffer holds."""
+
+
+@nb.njit(inline="always", cache=True)
+def _level(k, f, t_a, cut_a, t_b, cut_b, t_r):
+    """Destination of an entry with magnitude key ``k`` at flat index ``f``:
+    0 new A, 1 new X, 2 reserve, 3 out of RAM (branch-free)."""
+    in_a = np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a))
+    in_b = np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b))
+    in_r = np.int64(k >= t_r)
+    return 3 - in_a - in_b - in_r
+
+
+@nb.njit(parallel=True, cache=True)
+def row_starts(flat, n_cols, n_rows):
+    """out[row] = first position in the sorted ``flat`` at or after row * n_cols
+    (n_rows + 1 entries): CSR row pointers of a flat-index run."""
+    out = np.empty(n_rows + 1, np.int64)
+    for row in nb.prange(n_rows + 1):
+        out[row] = np.searchsorted(flat, np.int64(row) * n_cols)
+    return out
+
+
+@nb.njit(parallel=True, cache=True)
+def _split_counts(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_ptr,
+                  r_val, rkeys, c_flat, c_ptr, c_val, ckeys, mask, t_a, cut_a, t_b, cut_b,
+                  t_r, cnt):
+    """Per row: cnt[row] = (new A, new X, new reserve, out of RAM) counts."""
+    n_rows = a_indptr.shape[0] - 1
+    k_a = a_cols.shape[0]
+    for row in nb.prange(n_rows):
+        base = np.int64(row) * n_cols
+        ge_a = np.int64(0)     # entries at level <= 0, <= 1, <= 2 (nested sets)
+        ge_b = np.int64(0)
+        ge_r = np.int64(0)
+        for p in range(a_indptr[row], a_indptr[row + 1]):
+            k = vkeys[p] & mask
+            f = base + a_cols[p]
+            ge_a += np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a))
+            ge_b += np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b))
+            ge_r += np.int64(k >= t_r)
+        for p in range(x_indptr[row], x_indptr[row + 1]):
+            k = vkeys[k_a + p] & mask
+            f = base + x_cols[p]
+            ge_a += np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a))
+            ge_b += np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b))
+            ge_r += np.int64(k >= t_r)
+        for p in range(r_ptr[row], r_ptr[row + 1]):
+            k = rkeys[p] & mask
+            f = r_flat[p]
+            ge_a += np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a))
+            ge_b += np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b))
+            ge_r += np.int64(k >= t_r)
+        for p in range(c_ptr[row], c_ptr[row + 1]):
+            k = ckeys[p] & mask
+            f = c_flat[p]
+            ge_a += np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a))
+            ge_b += np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b))
+            ge_r += np.int64(k >= t_r)
+        total = (a_indptr[row + 1] - a_indptr[row] + x_indptr[row + 1] - x_indptr[row]
+                 + r_ptr[row + 1] - r_ptr[row] + c_ptr[row + 1] - c_ptr[row])
+        cnt[row, 0] = ge_a
+        cnt[row, 1] = ge_b - ge_a
+        cnt[row, 2] = ge_r - ge_b
+        cnt[row, 3] = total - ge_r
+
+
+@nb.njit(inline="always", cache=True)
+def _put(bits, w, col, lvl, sval, ssrc, v, pos):
+    sval[col] = v
+    ssrc[col] = pos
+    bits[lvl * w + (col >> 6)] |= np.uint64(1) << np.uint64(col & 63)
+
+
+@nb.njit(parallel=True, cache=True)
+def _split_write(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_ptr, r_val,
+                 rkeys, c_flat, c_ptr, c_val, ckeys, mask, t_a, cut_a, t_b, cut_b, t_r,
+                 na_indptr, na_cols, nx_indptr, nx_cols, nvals, src, r_off, nr_flat, nr_val,
+                 nchunks):
+    """Write rows (in parallel, ``nchunks`` row blocks) of the new A, X, values,
+    ``src`` and reserve at the offsets from :func:`_split_counts`; entries that
+    leave RAM are skipped (see :func:`_split_spill`)."""
+    n_rows = a_indptr.shape[0] - 1
+    k_a = a_cols.shape[0]
+    k_a_new = na_cols.shape[0]
+    want_src = src.shape[0] > 0
+    w = (n_cols + 63) >> 6
+    per = (n_rows + nchunks - 1) // nchunks
+    for ch in nb.prange(nchunks):
+        r0 = ch * per
+        r1 = min(r0 + per, n_rows)
+        if r0 >= r1:
+            continue
+        sval = np.empty(n_cols, vals.dtype)
+        ssrc = np.empty(n_cols, np.int64)
+        bits = np.zeros(4 * w, np.uint64)
+        for row in range(r0, r1):
+            base = np.int64(row) * n_cols
+            for p in range(a_indptr[row], a_indptr[row + 1]):
+                col = np.int64(a_cols[p])
+                lvl = _level(vkeys[p] & mask, base + col, t_a, cut_a, t_b, cut_b, t_r)
+                _put(bits, w, col, lvl, sval, ssrc, vals[p], p)
+            for p in range(x_indptr[row], x_indptr[row + 1]):
+                col = np.int64(x_cols[p])
+                lvl = _level(vkeys[k_a + p] & mask, base + col, t_a, cut_a, t_b, cut_b, t_r)
+                _put(bits, w, col, lvl, sval, ssrc, vals[k_a + p], k_a + p)
+            for p in range(r_ptr[row], r_ptr[row + 1]):
+                col = r_flat[p] - base
+                lvl = _level(rkeys[p] & mask, r_flat[p], t_a, cut_a, t_b, cut_b, t_r)
+                _put(bits, w, col, lvl, sval, ssrc, r_val[p], -1)
+            for p in range(c_ptr[row], c_ptr[row + 1]):
+                col = c_flat[p] - base
+                lvl = _level(ckeys[p] & mask, c_flat[p], t_a, cut_a, t_b, cut_b, t_r)
+                _put(bits, w, col, lvl, sval, ssrc, c_val[p], -1)
+            ia = na_indptr[row]
+            ix = nx_indptr[row]
+            ir = r_off[row]
+            for j in range(w):
+                b = bits[j]
+                bits[j] = 0
+                while b:
+                    col = (np.int64(j) << 6) + np.int64(trailing_zeros(b))
+                    b &= b - np.uint64(1)
+                    na_cols[ia] = col
+                    nvals[ia] = sval[col]
+                    if want_src:
+                        src[ia] = ssrc[col]
+                    ia += 1
+                b = bits[w + j]
+                bits[w + j] = 0
+                while b:
+                    col = (np.int64(j) << 6) + np.int64(trailing_zeros(b))
+                    b &= b - np.uint64(1)
+                    nx_cols[ix] = col
+                    nvals[k_a_new + ix] = sval[col]
+                    if want_src:
+                        src[k_a_new + ix] = ssrc[col]
+                    ix += 1
+                b = bits[2 * w + j]
+                bits[2 * w + j] = 0
+                while b:
+                    col = (np.int64(j) << 6) + np.int64(trailing_zeros(b))
+                    b &= b - np.uint64(1)
+                    nr_flat[ir] = base + col
+                    nr_val[ir] = sval[col]
+                    ir += 1
+                bits[3 * w + j] = 0
+
+
+@nb.njit(parallel=True, cache=True)
+def _split_spill(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_ptr, r_val,
+                 rkeys, c_flat, c_ptr, c_val, ckeys, mask, t_r, key, kind, param, round32,
+                 row0, row1, out_off, sp_flat, sp_val, nsp, nchunks):
+    """Rows [row0, row1) (in parallel): the entries below ``t_r`` that no longer hold
+    theta0, in flat-index order, written to sp_flat/sp_val from out_off[row] -
+    out_off[row0] (room for all of the row's entries below ``t_r``); nsp[row] = how
+    many."""
+    k_a = a_cols.shape[0]
+    w = (n_cols + 63) >> 6
+    nchunks = max(min(row1 - row0, nchunks), 1)
+    per = (row1 - row0 + nchunks - 1) // nchunks
+    for ch in nb.prange(nchunks):
+        r0 = row0 + ch * per
+        r1 = min(r0 + per, row1)
+        if r0 >= r1:
+            continue
+        sval = np.empty(n_cols, vals.dtype)
+        bits = np.zeros(w, np.uint64)
+        for row in range(r0, r1):
+            base = np.int64(row) * n_cols
+            for p in range(a_indptr[row], a_indptr[row + 1]):
+                col = np.int64(a_cols[p])
+                if (vkeys[p] & mask < t_r
+                        and vals[p] != _init._theta0(key, base + col, kind, param, round32)):
+                    sval[col] = vals[p]
+                    bits[col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+            for p in range(x_indptr[row], x_indptr[row + 1]):
+                col = np.int64(x_cols[p])
+                if (vkeys[k_a + p] & mask < t_r
+                        and vals[k_a + p] != _init._theta0(key, base + col, kind, param,
+                                                           round32)):
+                    sval[col] = vals[k_a + p]
+                    bits[col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+            for p in range(r_ptr[row], r_ptr[row + 1]):
+                col = r_flat[p] - base
+                if (rkeys[p] & mask < t_r
+                        and r_val[p] != _init._theta0(key, r_flat[p], kind, param, round32)):
+                    sval[col] = r_val[p]
+                    bits[col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+            for p in range(c_ptr[row], c_ptr[row + 1]):
+                col = c_flat[p] - base
+                if (ckeys[p] & mask < t_r
+                        and c_val[p] != _init._theta0(key, c_flat[p], kind, param, round32)):
+                    sval[col] = c_val[p]
+                    bits[col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+            o0 = out_off[row] - out_off[row0]
+            o = o0
+            for j in range(w):
+                b = bits[j]
+                bits[j] = 0
+                while b:
+                    col = (np.int64(j) << 6) + np.int64(trailing_zeros(b))
+                    b &= b - np.uint64(1)
+                    sp_flat[o] = base + col
+                    sp_val[o] = sval[col]
+                    o += 1
+            nsp[row] = o - o0
+
+
+@nb.njit(cache=True)
+def _close_gaps(row0, row1, out_off, nsp, sp_flat, sp_val):
+    """Move each row's spilled entries (at out_off[row] - out_off[row0]) down to
+    follow the previous row's; returns the total."""
+    o = np.int64(0)
+    for row in range(row0, row1):
+        s = out_off[row] - out_off[row0]
+        for i in range(nsp[row]):
+            sp_flat[o + i] = sp_flat[s + i]
+            sp_val[o + i] = sp_val[s + i]
+        o += nsp[row]
+    return o
+
+
+def split_pool(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_val, rkeys,
+               c_flat, c_val, ckeys, mask, t_a, cut_a, t_b, cut_b, t_r, key, kind, param,
+               round32, na_indptr, na_cols, nx_indptr, nx_cols, nvals, src, nr_flat, nr_val,
+               sp_flat, sp_val, emit):
+    """:func:`split_rows` in two parallel passes (same arguments and outputs; no
+    ``cur``): the spilled entries are written to ``sp_flat``/``sp_val`` in
+    flat-index order, one buffer-full at a time, each handed to ``emit(n)`` (n =
+    entries in the buffer) before the buffer is reused. Returns (reserve entries,
+    dropped entries), i.e. ``cur[7]`` and ``cur[8]`` of :func:`split_rows`.
+
+    Raises :class:`SpillBufferTooSmall` (before writing anything) when one row has
+    more entries leaving RAM than the spill buffer holds (the caller then uses
+    :func:`split_rows`)."""
+    n_rows = a_indptr.shape[0] - 1
+    n_cols = np.int64(n_cols)
+    r_ptr = row_starts(r_flat, n_cols, n_rows)
+    c_ptr = row_starts(c_flat, n_cols, n_rows)
+    cnt = np.empty((n_rows, 4), np.int64)
+    args = (n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_ptr, r_val,
+            rkeys, c_flat, c_ptr, c_val, ckeys, mask)
+    _split_counts(*args, t_a, cut_a, t_b, cut_b, t_r, cnt)
+    tot = cnt.sum(axis=0)
+    if (tot[0] != na_cols.shape[0] or tot[1] != nx_cols.shape[0]
+            or tot[2] != nr_flat.shape[0]):
+        raise AssertionError(f"split sizes {tot[:3].tolist()} != outputs "
+                             f"{[na_cols.shape[0], nx_cols.shape[0], nr_flat.shape[0]]}")
+    n_out = int(tot[3])
+    cap = sp_flat.shape[0]
+    if n_out and cnt[:, 3].max() > cap:
+        raise SpillBufferTooSmall("a row has more entries leaving RAM than the spill "
+                                  "buffer holds")
+    na_indptr[0] = 0
+    np.cumsum(cnt[:, 0], out=na_indptr[1:])
+    nx_indptr[0] = 0
+    np.cumsum(cnt[:, 1], out=nx_indptr[1:])
+    r_off = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(cnt[:, 2], out=r_off[1:])
+    nchunks = np.int64(4 * nb.get_num_threads())
+    _split_write(*args, t_a, cut_a, t_b, cut_b, t_r, na_indptr, na_cols, nx_indptr, nx_cols,
+                 nvals, src, r_off, nr_flat, nr_val, nchunks)
+    n_sp = 0
+    if n_out:
+        # rows whose entries below t_r fit the buffer are written in parallel (each at
+        # room for all its leaving entries: theta0 is evaluated once), closed up, emitted
+        out_off = np.zeros(n_rows + 1, np.int64)
+        np.cumsum(cnt[:, 3], out=out_off[1:])
+        nsp = np.zeros(n_rows, np.int64)
+        row0 = int(np.searchsorted(out_off, 1, side="left")) - 1     # first row with any
+        while row0 < n_rows:
+            row1 = int(np.searchsorted(out_off, out_off[row0] + cap, side="right")) - 1
+            row1 = max(row1, row0 + 1)
+            if out_off[row1] > out_off[row0]:
+                _split_spill(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat,
+                             r_ptr, r_val, rkeys, c_flat, c_ptr, c_val, ckeys, mask, t_r, key,
+                             kind, param, round32, np.int64(row0), np.int64(row1), out_off,
+                             sp_flat, sp_val, nsp, nchunks)
+                ns = int(_close_gaps(np.int64(row0), np.int64(row1), out_off, nsp, sp_flat,
+                                     sp_val))
+                if ns:
+                    emit(ns)
+                    n_sp += ns
+            if out_off[row1] == n_out:
+                break
+            row0 = row1
+    return int(tot[2]), n_out - n_sp
+
+
+@nb.njit(parallel=True, cache=True)
+def _equal_positions(keys, mask, t, nparts):
+    """Ascending positions i with keys[i] & mask == t (two parallel passes)."""
+    n = keys.shape[0]
+    part = (n + nparts - 1) // nparts
+    cnt = np.zeros(nparts + 1, np.int64)
+    for p in nb.prange(nparts):
+        c = np.int64(0)
+        for i in range(p * part, min(p * part + part, n)):
+            c += np.int64(keys[i] & mask == t)
+        cnt[p + 1] = c
+    for p in range(nparts):
+        cnt[p + 1] += cnt[p]
+    out = np.empty(cnt[nparts], np.int64)
+    for p in nb.prange(nparts):
+        o = cnt[p]
+        if o == cnt[p + 1]:
+            continue
+        for i in range(p * part, min(p * part + part, n)):
+            if keys[i] & mask == t:
+                out[o] = i
+                o += 1
+    return out
+
+
+def tie_flats_sorted(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_val,
+                     rkeys, c_flat, c_val, ckeys, mask, t):
+    """The flat indices (ascending, int64) of the pool entries whose magnitude key
+    equals ``t``: what :func:`tie_flats` writes, from parallel passes over each
+    piece's keys instead of the merge walk."""
+    nparts = np.int64(4 * nb.get_num_threads())
+    k_a = a_cols.shape[0]
+    pos = _equal_positions(vkeys, mask, t, nparts)
+    pa, px = pos[pos < k_a], pos[pos >= k_a] - k_a
+    fa = (np.searchsorted(a_indptr, pa, side="right") - 1) * np.int64(n_cols) + a_cols[pa]
+    fx = (np.searchsorted(x_indptr, px, side="right") - 1) * np.int64(n_cols) + x_cols[px]
+    fr = r_flat[_equal_positions(rkeys, mask, t, nparts)]
+    fc = c_flat[_equal_positions(ckeys, mask, t, nparts)]
+    out = np.concatenate([fa.astype(np.int64), fx.astype(np.int64), fr, fc])
+    out.sort()
+    return out

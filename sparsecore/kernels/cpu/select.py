@@ -204,24 +204,177 @@ def _as_keys(values: np.ndarray):
     return values.view(np.uint32), np.uint32(0x7FFFFFFF)
 
 
+_BLOCK = 16384    # keys per block; part p of the bracket pass reads blocks p, p + nparts, ...
+
+
+@nb.njit(parallel=True, cache=True)
+def _bracket1(keys, absmask, lo, hi, nparts, first, cand, ccount, above):
+    """One read of the keys: part p (the blocks b of :data:`_BLOCK` keys with
+    (first + b) % nparts == p, so that every part sees every region of the pieces
+    alike; ``first`` = blocks in the earlier pieces) adds to
+    above[p] its keys > hi and appends its keys in [lo, hi] to cand[p,
+    ccount[p]:] (ccount counts past the capacity: the caller then falls back).
+    The bracket test is one unsigned compare."""
+    n = keys.shape[0]
+    cap = cand.shape[1]
+    nblocks = (n + _BLOCK - 1) // _BLOCK
+    lo0 = np.uint64(lo)
+    w0 = np.uint64(hi) - lo0
+    h0 = np.uint64(hi)
+    for p in nb.prange(nparts):
+        a0 = np.int64(0)
+        c0 = ccount[p]
+        for b in range((p - first) % nparts, nblocks, nparts):
+            for i in range(b * _BLOCK, min(b * _BLOCK + _BLOCK, n)):
+                k = np.uint64(keys[i] & absmask)
+                a0 += np.int64(k > h0)
+                if k - lo0 <= w0:
+                    if c0 < cap:
+                        cand[p, c0] = k
+                    c0 += 1
+        above[p] += a0
+        ccount[p] = c0
+
+
+@nb.njit(parallel=True, cache=True)
+def _bracket2(keys, absmask, lo0, hi0, lo1, hi1, nparts, first, cand0, ccount0, above0,
+              cand1, ccount1, above1):
+    """:func:`_bracket1` for two brackets in the same read."""
+    n = keys.shape[0]
+    cap0 = cand0.shape[1]
+    cap1 = cand1.shape[1]
+    nblocks = (n + _BLOCK - 1) // _BLOCK
+    l0 = np.uint64(lo0)
+    w0 = np.uint64(hi0) - l0
+    h0 = np.uint64(hi0)
+    l1 = np.uint64(lo1)
+    w1 = np.uint64(hi1) - l1
+    h1 = np.uint64(hi1)
+    for p in nb.prange(nparts):
+        a0 = np.int64(0)
+        a1 = np.int64(0)
+        c0 = ccount0[p]
+        c1 = ccount1[p]
+        for b in range((p - first) % nparts, nblocks, nparts):
+            for i in range(b * _BLOCK, min(b * _BLOCK + _BLOCK, n)):
+                k = np.uint64(keys[i] & absmask)
+                a0 += np.int64(k > h0)
+                a1 += np.int64(k > h1)
+                if k - l0 <= w0:
+                    if c0 < cap0:
+                        cand0[p, c0] = k
+                    c0 += 1
+                if k - l1 <= w1:
+                    if c1 < cap1:
+                        cand1[p, c1] = k
+                    c1 += 1
+        above0[p] += a0
+        above1[p] += a1
+        ccount0[p] = c0
+        ccount1[p] = c1
+
+
+_MIN_SAMPLED = 4 * _SAMPLE    # below this many keys the histogram route is used
+
+
+def _thresholds_sampled(keyed, absmask, ks, nparts):
+    """Top-k thresholds from one read of the keys per two k: a strided sample
+    brackets each threshold key, one pass counts the keys above each bracket and
+    copies the keys inside it, and the exact threshold, its tie quota and the
+    number of equal keys come from those candidates. An entry of the result is
+    None when its bracket missed (the caller uses the histogram route)."""
+    sizes = [kk.shape[0] for kk in keyed]
+    n = sum(sizes)
+    m = min(n, _SAMPLE)
+    samp = []
+    for kk, ni in zip(keyed, sizes):
+        mi = min(ni, -(-m * ni // n))
+        if mi:
+            samp.append(kk[(np.arange(mi, dtype=np.int64) * ni) // mi])
+    samp = np.sort(np.concatenate(samp) & absmask)[::-1]
+    m = samp.shape[0]
+    blocks = [-(-ni // _BLOCK) for ni in sizes]
+    part_max = -(-sum(blocks) // nparts) * _BLOCK      # keys per part at most
+    lo, hi, caps = [], [], []
+    for k in ks:
+        ks_ = k * m / n                       # expected rank of the threshold in the sample
+        delta = 6.0 * np.sqrt(ks_ * (1.0 - k / n)) + 16.0
+        r_hi = int(ks_ - delta)
+        r_lo = int(np.ceil(ks_ + delta))
+        hi.append(samp[r_hi] if r_hi >= 0 else absmask)
+        lo.append(samp[r_lo] if r_lo < m else absmask & 0)
+        # expected candidates per part (the parts interleave blocks), with slack
+        frac = (min(r_lo, m) - max(r_hi, 0) + 1) / m
+        caps.append(min(part_max, int(part_max * frac * 1.5) + 4096))
+    cand = [np.empty((nparts, c), keyed[0].dtype) for c in caps]
+    ccount = [np.zeros(nparts, np.int64) for _ in ks]
+    above = [np.zeros(nparts, np.int64) for _ in ks]
+    first = 0
+    for kk, nbk in zip(keyed, blocks):
+        j = 0
+        while nbk and j < len(ks):
+            if j + 1 < len(ks):
+                _bracket2(kk, absmask, lo[j], hi[j], lo[j + 1], hi[j + 1], nparts, first,
+                          cand[j], ccount[j], above[j], cand[j + 1], ccount[j + 1],
+                          above[j + 1])
+                j += 2
+            else:
+                _bracket1(kk, absmask, lo[j], hi[j], nparts, first, cand[j], ccount[j],
+                          above[j])
+                j += 1
+        first = (first + nbk) % nparts
+    out = []
+    for j, k in enumerate(ks):
+        nc = int(ccount[j].sum())
+        r = k - int(above[j].sum())          # rank of the threshold among the candidates
+        if (ccount[j] > caps[j]).any() or r <= 0 or r > nc:
+            out.append(None)
+            continue
+        ck = np.concatenate([cand[j][p, :ccount[j][p]] for p in range(nparts)])
+        thresh = np.partition(ck, nc - r)[nc - r]
+        n_gt = k - r + int(np.count_nonzero(ck > thresh))
+        out.append((keyed[0].dtype.type(thresh), k - n_gt, absmask,
+                    int(np.count_nonzero(ck == thresh))))
+    return out
+
+
+def topk_thresholds(values, ks, nparts: int | None = None) -> list:
+    """:func:`topk_threshold` for several k (each 1 <= k <= total size) from one
+    read of the keys where possible (sampled brackets, two per read, see
+    :func:`_thresholds_sampled`), else the histogram route. Results are exact and
+    identical to calling :func:`topk_threshold` for each k."""
+    arrays = values if isinstance(values, (list, tuple)) else [values]
+    keyed = [_as_keys(a)[0] for a in arrays]
+    absmask = _as_keys(arrays[0])[1]
+    ks = [int(k) for k in ks]
+    if nparts is None:
+        nparts = 4 * nb.get_num_threads()
+    n = sum(kk.shape[0] for kk in keyed)
+    res = [None] * len(ks)
+    if n >= _MIN_SAMPLED:
+        res = _thresholds_sampled(keyed, absmask, ks, nparts)
+    return [r if r is not None else _topk_threshold_hist(keyed, absmask, k, nparts)
+            for r, k in zip(res, ks)]
+
+
 def topk_threshold(values, k: int, nparts: int | None = None):
     """(key, n_ties, mask, n_equal): the magnitude bit-key of the k-th largest
     |value| over ``values`` (one array, or a list of arrays of one dtype taken
     together, never concatenated), how many entries equal to it belong to the top
     k, the mask that clears the sign bit, and how many entries equal it in all."""
-    arrays = values if isinstance(values, (list, tuple)) else [values]
-    keyed = [_as_keys(a) for a in arrays]
-    absmask = keyed[0][1]
-    if nparts is None:
-        nparts = 4 * nb.get_num_threads()
-    width = 64 if arrays[0].dtype == np.float64 else 32
+    return topk_thresholds(values, [k], nparts)[0]
+
+
+def _topk_threshold_hist(keys_list, absmask, k, nparts):
+    """:func:`topk_threshold` by the radix-histogram route (16 bits per pass)."""
+    width = 64 if keys_list[0].dtype == np.uint64 else 32
     prefix = np.uint64(0)
     remaining = k  # rank still to find inside the current bucket (1-based from top)
     shift = width - _BITS
     prefix_shift = 64
     while True:
         hist = sum(_histogram(kk, absmask, shift, prefix, prefix_shift, nparts)
-                   for kk, _ in keyed)
+                   for kk in keys_list)
         # walk buckets from the top until the k-th largest is inside
         csum = np.cumsum(hist[::-1])
         b_rev = int(np.searchsorted(csum, remaining))
@@ -231,7 +384,7 @@ def topk_threshold(values, k: int, nparts: int | None = None):
         prefix = (prefix << np.uint64(_BITS)) | np.uint64(bucket)
         prefix_shift = shift
         if shift == 0:
-            return keyed[0][0].dtype.type(prefix), remaining, absmask, int(hist[bucket])
+            return keys_list[0].dtype.type(prefix), remaining, absmask, int(hist[bucket])
         shift -= _BITS
 
 
