@@ -107,9 +107,15 @@ def main(argv=None):
     ap.add_argument("--cap", type=float, help="largest dense-equivalent size to try")
     ap.add_argument("--max-stored", type=float,
                     help="largest total K_B to try (steps, refresh cost ~1 us per B entry)")
+    ap.add_argument("--headroom-gib", type=float,
+                    help=f"free memory to leave (default {mp.HEADROOM / 2**30:g} GiB)")
+    ap.add_argument("--timeout-factor", type=float, default=1.0,
+                    help="multiply each child's time limit (a loaded machine is slower)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--stem", help="result file name (default scale / scale_quick)")
     a = ap.parse_args(argv)
+    if a.headroom_gib is not None:
+        mp.HEADROOM = int(a.headroom_gib * 2**30)
     t_start = time.perf_counter()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     out = Path(a.out)
@@ -158,7 +164,7 @@ def main(argv=None):
         spec = {"family": "transformer", "d": d, "layers": LAYERS, "sf": sf, "sb": sb,
                 "phases": ["build", "step", "refresh"], "lr": 1e-4,
                 "path": str(out / ".scale.ckpt")}
-        timeout = mp.timeout_for(pred, sf is not None) + 300
+        timeout = mp.timeout_for(pred, sf is not None) * a.timeout_factor + 300
         row.update(mp.run_child(spec, timeout))
         if "peaks" in row:
             print("    " + ", ".join(f"{k} {mp.fmt(v)} ({row['times'][k]:.1f} s)"
