@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from ._version import __version__
 from .layers import TopKASTLinear
+from . import spill as _spill
 from .state import OPTIONAL_NAMES, TENSOR_NAMES
 
 FORMAT = "sparsecore-checkpoint"
@@ -170,6 +171,26 @@ class _File:
         except (SafetensorError, OSError, ValueError) as e:
             raise self.error(f"tensor {name!r} unreadable ({e})") from None
 
+    def chunks(self, idx_name: str, val_name: str, chunk: int):
+        """Yield (indices, values) NumPy chunks of two equally long 1-D tensors, read
+        piece by piece (never whole) and checked against their digests at the end."""
+        (si, _), (sv, _) = self.meta(idx_name), self.meta(val_name)
+        if len(si) != 1 or si != sv:
+            raise self.error(f"{idx_name} {si} and {val_name} {sv} must be 1-D of one length")
+        hashes = [hashlib.blake2b(digest_size=16) for _ in range(2)]
+        try:
+            slices = [self.f.get_slice(n) for n in (idx_name, val_name)]
+            for a in range(0, si[0], chunk):
+                pair = [s[a:min(a + chunk, si[0])] for s in slices]
+                for h, t in zip(hashes, pair):
+                    h.update(t.contiguous().view(torch.uint8).numpy())
+                yield tuple(t.numpy() for t in pair)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise self.error(f"tensor {idx_name!r} / {val_name!r} unreadable ({e})") from None
+        for h, n in zip(hashes, (idx_name, val_name)):
+            if h.hexdigest() != self.digests[n]:
+                raise self.error(f"tensor {n!r} is corrupt (checksum mismatch)")
+
     def get(self, name: str) -> torch.Tensor:
         try:
             t = self.f.get_tensor(name)
@@ -231,7 +252,7 @@ def _validate_model(model, f: _File):
     theirs = {k[len("model/"):] for k in f.names if k.startswith("model/")} | set(configs)
     missing, unexpected = sorted(set(mine) - theirs), sorted(theirs - set(mine))
     # checkpoints from before the cold tier have no cold entries: an empty store
-    missing = [k for k in missing if not k.endswith(tuple("." + n for n in OPTIONAL_NAMES))]
+    missing = [k for k in missing if not _is_cold(k)]
     if missing or unexpected:
         raise f.error(f"checkpoint is of another model: missing {missing[:8]}, "
                       f"unexpected {unexpected[:8]}")
@@ -244,12 +265,18 @@ def _validate_model(model, f: _File):
         st = configs[_EXTRA]
         if not isinstance(st, dict) or not isinstance(st.get("step_count", 0), (int, type(None))):
             raise f.error(f"corrupt model extra state {st!r}")
+    colds = {}
     for prefix, m, own in plan:
         if isinstance(m, TopKASTLinear):
-            sub = {k: (configs[k] if k.endswith(_EXTRA) else f.get("model/" + k)) for k in own
-                   if k.endswith(_EXTRA) or "model/" + k in f.names}
-            try:
-                m.validate_state(sub, prefix)       # builds (and drops) the new structure
+            sub = _sparse_local(f, configs, own)
+            cold = None
+            if "model/" + prefix + "cold_idx" in f.names:
+                cold = f.chunks("model/" + prefix + "cold_idx", "model/" + prefix + "cold_val",
+                                _spill.CHUNK)
+            try:   # builds (and drops) the new structure; keeps the cold store (on disk)
+                colds[prefix] = m.validate_state(sub, prefix, cold_chunks=cold)["sparse"].cold
+            except CheckpointError:
+                raise
             except ValueError as e:
                 raise f.error(str(e)) from None
             del sub
@@ -263,7 +290,17 @@ def _validate_model(model, f: _File):
                               f"{tuple(mine[k].shape)} {mine[k].dtype}")
             f.get("model/" + k)                      # checksum
     meta = getattr(mine, "_metadata", {})
-    return plan, meta
+    return plan, meta, colds
+
+
+def _sparse_local(f: _File, configs: dict, own: list) -> dict:
+    """A sparse layer's entries without its cold entries (those are streamed)."""
+    return {k: (configs[k] if k.endswith(_EXTRA) else f.get("model/" + k)) for k in own
+            if not _is_cold(k) and (k.endswith(_EXTRA) or "model/" + k in f.names)}
+
+
+def _is_cold(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in OPTIONAL_NAMES
 
 
 def _validate_optimizer(optimizer, f: _File) -> dict:
@@ -306,11 +343,22 @@ def _validate_optimizer(optimizer, f: _File) -> dict:
     return {"state": state, "param_groups": groups, "by_id": by_id}
 
 
-def _apply_model(model, f: _File, plan, meta) -> None:
+def _apply_model(model, f: _File, plan, meta, colds) -> None:
     configs = f.header.get("configs", {})
     errors: list = []
     for prefix, m, own in plan:
         if not own:
+            continue
+        if isinstance(m, TopKASTLinear):   # the cold store checked in pass 1 is reused
+            local = _sparse_local(f, configs, own)
+            try:
+                g = m.validate_state(local, prefix)
+            except ValueError as e:
+                raise f.error(f"loading {prefix} failed after validation (the model may be "
+                              f"partly loaded): {e}") from None
+            del local
+            m.install_state(g, cold=colds[prefix])
+            del g
             continue
         local = {k: (configs[k] if k.endswith(_EXTRA) else f.get("model/" + k)) for k in own
                  if k.endswith(_EXTRA) or "model/" + k in f.names}
@@ -352,13 +400,13 @@ def load(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
     optimizer is given, or when none is attached yet (then :meth:`attach` applies
     it); loading another optimizer's checkpoint leaves it unchanged."""
     with _open(path) as f:
-        plan, meta = _validate_model(model, f)
+        plan, meta, colds = _validate_model(model, f)
         opt_plan = _validate_optimizer(optimizer, f) if optimizer is not None else None
         order = getattr(model, "_opt_order", None)
         keep_steps = (order and optimizer is not None and order[0] != id(optimizer))
         steps_before = model.step_count if keep_steps else None
         with torch.no_grad():
-            _apply_model(model, f, plan, meta)
+            _apply_model(model, f, plan, meta, colds)
         if opt_plan is not None:
             _apply_optimizer(optimizer, f, opt_plan)
         if keep_steps:

@@ -6,6 +6,7 @@ rest of its sparse structure as one immutable :class:`~sparsecore.state.SparseSt
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import weakref
@@ -438,7 +439,7 @@ class TopKASTLinear(nn.Module):
         for n, t in self._state.tensors().items():
             destination[prefix + n] = t
 
-    def validate_state(self, state: dict, prefix: str = "") -> dict:
+    def validate_state(self, state: dict, prefix: str = "", cold_chunks=None) -> dict:
         """Check a state (as produced by ``state_dict()``) against this layer without
         changing anything. Returns what to install: ``values``, ``bias`` (if any),
         the new :class:`SparseState` (``"sparse"``) and the saved ``stats``.
@@ -472,9 +473,21 @@ class TopKASTLinear(nn.Module):
             {n: state[prefix + n] for n in TENSOR_NAMES if prefix + n in state},
             in_features=self.in_features,
             out_features=self.out_features, k_a=self.k_a, k_b=self.k_b, value_dtype=dt,
-            where=where, spill_dir=self.spill_dir)
+            where=where, spill_dir=self.spill_dir, cold_chunks=cold_chunks)
         out["stats"] = cfg.get("stats")
         return out
+
+    def install_state(self, g: dict, cold=None) -> None:
+        """Install what :meth:`validate_state` returned (``cold``: a cold store
+        checked against the same structure, replacing the one in ``g``)."""
+        with torch.no_grad():
+            self.values.copy_(g["values"])
+            if self.bias is not None:
+                self.bias.copy_(g["bias"])
+        st = g["sparse"] if cold is None else dataclasses.replace(g["sparse"], cold=cold)
+        self._state = st.to(self.values.device, self.values.dtype)
+        if isinstance(g["stats"], dict):
+            self.stats.update({k: v for k, v in g["stats"].items() if k in self.stats})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -483,13 +496,7 @@ class TopKASTLinear(nn.Module):
         except ValueError as e:
             error_msgs.append(str(e))
             return
-        with torch.no_grad():
-            self.values.copy_(g["values"])
-            if self.bias is not None:
-                self.bias.copy_(g["bias"])
-        self._state = g["sparse"].to(self.values.device, self.values.dtype)
-        if isinstance(g["stats"], dict):
-            self.stats.update({k: v for k, v in g["stats"].items() if k in self.stats})
+        self.install_state(g)
         if strict:
             known = {prefix + n for n in ["values", "bias", "_extra_state", *TENSOR_NAMES]}
             for k in state_dict:

@@ -229,16 +229,6 @@ def rewrite(store: ColdStore, below: float, spilled: ColdStore, directory: str) 
     return w.close()
 
 
-def from_arrays(flat: np.ndarray, val: np.ndarray, directory: str) -> ColdStore:
-    """A run of the given sorted entries (used when a state is loaded)."""
-    if not flat.shape[0]:
-        return ColdStore.empty(val.dtype)
-    w = Writer(directory, val.dtype)
-    for s in range(0, flat.shape[0], CHUNK):
-        w.write(flat[s:s + CHUNK], val[s:s + CHUNK])
-    return w.close()
-
-
 def cast(store: ColdStore, dtype) -> ColdStore:
     """The store with its values converted to ``dtype`` (a new run beside it)."""
     dtype = np.dtype(dtype)

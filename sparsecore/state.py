@@ -178,16 +178,20 @@ class SparseState:
     @classmethod
     def from_tensors(cls, t: dict, *, in_features: int, out_features: int, k_a: int,
                      k_b: int, value_dtype: torch.dtype, where: str,
-                     spill_dir: str | None = None) -> "SparseState":
+                     spill_dir: str | None = None, cold_chunks=None) -> "SparseState":
         """Validate ``t`` (as produced by :meth:`tensors`) against the layer's shape
         and sizes and build a state from it; raises ValueError naming the bad entry.
         The state may share memory with ``t`` (no copy: a load stays within its
         memory bound); states never modify their tensors in place. Cold entries
-        (optional) are written to a new cold store in ``spill_dir``."""
+        (optional: ``cold_idx``/``cold_val`` in ``t``, or ``cold_chunks``, an iterable
+        of (flat, values) NumPy chunks in order, so that a checkpoint never holds
+        them in RAM) are checked and written to a new cold store in ``spill_dir``."""
         missing = [n for n in TENSOR_NAMES if n not in t and n not in OPTIONAL_NAMES]
         if missing:
             raise ValueError(f"{where}: sparse state is missing {missing}")
         t = dict(t)
+        if cold_chunks is not None and any(n in t for n in OPTIONAL_NAMES):
+            raise ValueError(f"{where}: cold entries given both as tensors and as chunks")
         for n, dt in zip(OPTIONAL_NAMES, (torch.int64, value_dtype)):
             t.setdefault(n, torch.empty(0, dtype=dt))
         for n in TENSOR_NAMES:
@@ -222,18 +226,46 @@ class SparseState:
         bad = check_disjoint(in_features, cpu["a_indptr"].numpy(), cpu["a_cols"].numpy(),
                              cpu["x_indptr"].numpy(), cpu["x_cols"].numpy(),
                              cpu["reserve_idx"].numpy(), in_features * out_features)
-        if not bad:
-            bad = check_cold(in_features, cpu["a_indptr"].numpy(), cpu["a_cols"].numpy(),
-                             cpu["x_indptr"].numpy(), cpu["x_cols"].numpy(),
-                             cpu["reserve_idx"].numpy(), cpu["cold_idx"].numpy(),
-                             cpu["cold_val"].numpy(), floor, in_features * out_features)
         if bad:
             raise ValueError(f"{where}: {bad}")
+        if cold_chunks is None:
+            cold_chunks = [(cpu["cold_idx"].numpy(), cpu["cold_val"].numpy())]
+        pool = tuple(cpu[n].numpy() for n in ("a_indptr", "a_cols", "x_indptr", "x_cols",
+                                              "reserve_idx"))
+        cold = _checked_cold(cold_chunks, in_features, pool, floor,
+                             cpu["reserve_val"].numpy().dtype, spill_dir, where)
         key = int(cpu["key"]) & 0xFFFFFFFFFFFFFFFF
-        cold = _spill.from_arrays(cpu["cold_idx"].numpy(), cpu["cold_val"].numpy(),
-                                  spill_dir or _spill.default_dir())
         return cls(in_features, out_features, cpu["a_indptr"], cpu["a_cols"], cpu["x_indptr"],
                    cpu["x_cols"], cpu["reserve_idx"], cpu["reserve_val"], floor, key, cold=cold)
+
+
+def _checked_cold(chunks, n_cols: int, pool: tuple, floor: float, dtype, spill_dir,
+                  where: str) -> _spill.ColdStore:
+    """Check cold entries chunk by chunk (dtypes, lengths, finite values, strictly
+    ascending flat indices across chunks, |value| < floor, none in the pool) while
+    writing them to a new store; raises ValueError (the partial store is deleted)."""
+    writer, last, seen = None, -1, 0
+    n_rows = pool[0].shape[0] - 1
+    for idx, val in chunks:
+        if idx.dtype != np.int64 or val.dtype != dtype or idx.ndim != 1 \
+                or idx.shape != val.shape:
+            raise ValueError(f"{where}: cold entries must be 1-D int64 indices and {dtype} "
+                             f"values of one length, got {idx.dtype} {idx.shape} and "
+                             f"{val.dtype} {val.shape}")
+        if not idx.shape[0]:
+            continue
+        if not np.isfinite(val).all():
+            raise ValueError(f"{where}: cold_val contains NaN or Inf")
+        if idx[0] <= last:
+            raise ValueError(f"{where}: cold indices are not sorted, unique and in "
+                             f"[0, {n_rows * n_cols}) (entry {seen})")
+        bad = check_cold(n_cols, *pool, idx, val, floor, n_rows * n_cols)
+        if bad:
+            raise ValueError(f"{where}: {bad} (from entry {seen})")
+        writer = writer or _spill.Writer(spill_dir or _spill.default_dir(), dtype)
+        writer.write(idx, val)
+        last, seen = int(idx[-1]), seen + idx.shape[0]
+    return writer.close() if writer is not None else _spill.ColdStore.empty(dtype)
 
 
 def empty_state(in_features: int, out_features: int, key: int, value_dtype) -> SparseState:

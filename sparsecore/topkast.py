@@ -244,7 +244,7 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
         n_kept, n_dropped = int(cur[7]), int(cur[8])
     if n_kept != n_res:
         raise AssertionError(f"reserve size {n_kept} != {n_res}")   # a bug, never user input
-    del c_flat, c_val, sp_flat, sp_val
+    del c_flat, c_val, pool_args, split_args   # the candidates go before the cold rewrite
     spilled = writer.close() if writer is not None else _spill.ColdStore.empty(dtype)
     new_cold = _spill.rewrite(cold, floor_read if unspilled else math.inf, spilled, directory)
     new_state = SparseState(n_cols, n_rows, torch.from_numpy(na_indptr),

@@ -597,3 +597,33 @@ def test_cold_store_round_trips_and_resumes_exactly(tmp_path):
     _train(resumed, ropt, 9, 14)
     _assert_models_equal(_model_state(ref_model), _model_state(resumed))
     _assert_opts_equal(_opt_state(ref_opt), _opt_state(ropt))
+
+
+@pytest.mark.parametrize("which", ["cold_idx", "cold_val"])
+def test_cold_entries_stream_in_chunks_and_corruption_is_refused(tmp_path, monkeypatch, which):
+    """Loading streams the cold entries in chunks (never whole) and checks their
+    digests; a flipped byte in them is refused and leaves the model unchanged."""
+    from sparsecore import spill
+    monkeypatch.setattr(spill, "CHUNK", 5)
+    kw = dict(reserve=0.0, exploration=0.0)
+    model, opt = _build(opt="adamw-amsgrad", **kw)
+    _train(model, opt, 0, 9)
+    path = tmp_path / "c.sparsecore"
+    sc.save(model, path, optimizer=opt)
+    name = next(f"model/module.{n}.{which}" for n, l in model.sparse_layers().items()
+                if l.sparse_state.cold.n > 10)
+    fresh, fopt = _build(opt="adamw-amsgrad", **kw)
+    sc.load(path, fresh, optimizer=fopt)                      # several chunks per layer
+    _assert_models_equal(_model_state(model), _model_state(fresh))
+    raw = path.read_bytes()
+    n, hdr = _header(raw)
+    start, stop = hdr[name]["data_offsets"]
+    bad = bytearray(raw)
+    bad[8 + n + stop - 1] ^= 0x01                             # in the last chunk
+    path.write_bytes(bytes(bad))
+    target, topt = _build(opt="adamw-amsgrad", **kw)
+    snap = _snapshot(target, topt)
+    with pytest.raises(sc.CheckpointError, match="corrupt|cold"):
+        sc.load(path, target, optimizer=topt)
+    _assert_unchanged(target, topt, snap)
+    assert all(l.sparse_state.cold.n == 0 for l in target.sparse_layers().values())

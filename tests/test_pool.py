@@ -161,8 +161,9 @@ def test_split_rows_spills_below_the_reserve_rank_and_resumes(cap):
 
 
 def _store(tmp_path, flat, val):
-    return spill.from_arrays(np.asarray(flat, np.int64), np.asarray(val, np.float32),
-                             str(tmp_path))
+    w = spill.Writer(str(tmp_path), np.float32)
+    w.write(np.asarray(flat, np.int64), np.asarray(val, np.float32))
+    return w.close()
 
 
 def test_cold_store_replenish_pass_and_rewrite(tmp_path, monkeypatch):

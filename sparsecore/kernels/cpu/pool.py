@@ -413,6 +413,14 @@ def row_starts(flat, n_cols, n_rows):
     return out
 
 
+@nb.njit(inline="always", cache=True)
+def _levels(k, f, t_a, cut_a, t_b, cut_b, t_r):
+    """(in the new A, in the new B, kept in RAM) as 0/1, branch-free."""
+    return (np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a)),
+            np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b)),
+            np.int64(k >= t_r))
+
+
 @nb.njit(parallel=True, cache=True)
 def _split_counts(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_ptr,
                   r_val, rkeys, c_flat, c_ptr, c_val, ckeys, mask, t_a, cut_a, t_b, cut_b,
@@ -426,29 +434,18 @@ def _split_counts(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_fla
         ge_b = np.int64(0)
         ge_r = np.int64(0)
         for p in range(a_indptr[row], a_indptr[row + 1]):
-            k = vkeys[p] & mask
-            f = base + a_cols[p]
-            ge_a += np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a))
-            ge_b += np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b))
-            ge_r += np.int64(k >= t_r)
+            da, db, dr = _levels(vkeys[p] & mask, base + a_cols[p], t_a, cut_a, t_b, cut_b, t_r)
+            ge_a, ge_b, ge_r = ge_a + da, ge_b + db, ge_r + dr
         for p in range(x_indptr[row], x_indptr[row + 1]):
-            k = vkeys[k_a + p] & mask
-            f = base + x_cols[p]
-            ge_a += np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a))
-            ge_b += np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b))
-            ge_r += np.int64(k >= t_r)
+            da, db, dr = _levels(vkeys[k_a + p] & mask, base + x_cols[p], t_a, cut_a, t_b,
+                                 cut_b, t_r)
+            ge_a, ge_b, ge_r = ge_a + da, ge_b + db, ge_r + dr
         for p in range(r_ptr[row], r_ptr[row + 1]):
-            k = rkeys[p] & mask
-            f = r_flat[p]
-            ge_a += np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a))
-            ge_b += np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b))
-            ge_r += np.int64(k >= t_r)
+            da, db, dr = _levels(rkeys[p] & mask, r_flat[p], t_a, cut_a, t_b, cut_b, t_r)
+            ge_a, ge_b, ge_r = ge_a + da, ge_b + db, ge_r + dr
         for p in range(c_ptr[row], c_ptr[row + 1]):
-            k = ckeys[p] & mask
-            f = c_flat[p]
-            ge_a += np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a))
-            ge_b += np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b))
-            ge_r += np.int64(k >= t_r)
+            da, db, dr = _levels(ckeys[p] & mask, c_flat[p], t_a, cut_a, t_b, cut_b, t_r)
+            ge_a, ge_b, ge_r = ge_a + da, ge_b + db, ge_r + dr
         total = (a_indptr[row + 1] - a_indptr[row] + x_indptr[row + 1] - x_indptr[row]
                  + r_ptr[row + 1] - r_ptr[row] + c_ptr[row + 1] - c_ptr[row])
         cnt[row, 0] = ge_a
