@@ -81,6 +81,13 @@ class ColdStore:
     def __deepcopy__(self, memo):   # immutable and file-backed: copies share it
         return self
 
+    def __reduce__(self):
+        if not self.n:
+            return (ColdStore.empty, (self.dtype,))
+        raise TypeError(f"a layer with {self.n} spilled entries cannot be pickled (its cold "
+                        "store is a pair of files that live as long as the layer); save it "
+                        "with sparsecore.save or state_dict()")
+
     def __repr__(self) -> str:
         return f"ColdStore(n={self.n}, dtype={self.dtype}, path={self.prefix!r})"
 
@@ -98,8 +105,9 @@ class ColdStore:
                 yield np.fromfile(fi, np.int64, m), np.fromfile(fv, self.dtype, m)
 
     def mapped(self):
-        """(flat, values) as copy-on-write memory maps (the files never change) (empty arrays for an empty
-        store): what a state_dict exports without reading the files into RAM."""
+        """(flat, values) as copy-on-write memory maps of the (immutable) files, or
+        empty arrays for an empty store: what a state_dict exports without reading
+        the files into RAM."""
         if not self.n:
             return np.empty(0, np.int64), np.empty(0, self.dtype)
         return (np.memmap(self.prefix + ".idx", np.int64, "c", shape=(self.n,)),

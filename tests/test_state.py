@@ -170,3 +170,16 @@ def test_cold_store_follows_value_casts_and_old_checkpoints_load(tmp_path):
     fresh = _layer(reserve=0.0)
     fresh.load_state_dict(old)      # a checkpoint from before the cold tier: no cold entries
     assert fresh.sparse_state.cold.n == 0
+
+
+def test_pickling_refused_only_with_spilled_entries(tmp_path):
+    import copy
+    import pickle
+    plain = _layer()
+    assert pickle.loads(pickle.dumps(plain)).sparse_state.cold.n == 0
+    layer = _spilled_layer(tmp_path)
+    with pytest.raises(TypeError, match="spilled entries cannot be pickled"):
+        pickle.dumps(layer)
+    twin = copy.deepcopy(layer)      # shares the immutable store
+    assert twin.sparse_state.cold is layer.sparse_state.cold
+    assert torch.equal(twin.to_dense(), layer.to_dense())
