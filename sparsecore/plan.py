@@ -146,11 +146,12 @@ def format_plan(p: dict, *, cfg: GPTConfig, forward_sparsity: float, backward_sp
                            f"({fmt_bytes(gpu_memory)})")
         lines.append(f"{name + ':':<24}" + "; ".join(verdict))
     lines.append("note: the reserve is at its nominal size (ceil(reserve * K_B) per layer); "
-                 "untrained entries are trimmed back to it, but coordinates trained and then "
-                 "dropped from B are kept, so it grows with churn during training "
-                 "(docs/design.md).")
+                 "during training it may reach (reserve + 0.25) * K_B before a refresh cuts "
+                 "it back, moving trained coordinates that left B to the cold store on disk "
+                 "(12 B each, not counted here; docs/design.md).")
     if gpu_memory is not None:
-        lines.append("note: on a GPU the sparse layers run on the Triton kernels, which have not "
-                     "been timed on a GPU yet (docs/gpu.md); refreshes run on the host.")
+        lines.append("note: on a GPU the sparse layers run on the Triton kernels (checked on an "
+                     "H200, about half of cuSPARSE's speed; docs/gpu.md); refreshes run on the "
+                     "host.")
     lines.append(f"machine: {os.cpu_count()} CPU cores; nothing was allocated to make this plan.")
     return "\n".join(lines)
