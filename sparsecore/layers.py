@@ -26,7 +26,7 @@ from .state import (OPTIONAL_NAMES, SparseState, TENSOR_NAMES, check_index_range
 from .topkast import InitSpec, RefreshError, layer_key, refresh as _refresh, sizes
 
 DEFAULT_RESERVE = 0.25
-RESERVE_SLACK = 0.25      # the reserve is trimmed once it exceeds (reserve + slack) * K_B
+RESERVE_SLACK = 0.25   # past (reserve + slack) * K_B a refresh cuts the reserve back
 TO_DENSE_LIMIT = 1 << 26  # elements; to_dense() refuses above this
 _STATE_VERSION = 2
 

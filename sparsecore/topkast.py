@@ -2,8 +2,9 @@
 
 The pool P of a layer is B (= A + X, whose current values are the trainable
 parameter) plus the reserve R of further coordinates with their exact current
-values. The floor guarantees: every coordinate outside P has never been
-trained, still holds theta0(key, i), and |theta0_i| < floor.
+values. The floor guarantees: every coordinate outside P is either in the cold
+store on disk (:mod:`sparsecore.spill`) with its exact value, or has never been
+trained and still holds theta0(key, i); either way its magnitude is < floor.
 
 :func:`refresh` computes the new A and B exactly as dense Top-KAST would (TopK
 over all N coordinates, ties to the smaller flat index): inside the pool when
