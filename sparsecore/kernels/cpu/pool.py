@@ -394,12 +394,18 @@ class SpillBufferTooSmall(ValueError):
 
 
 @nb.njit(inline="always", cache=True)
+def _levels(k, f, t_a, cut_a, t_b, cut_b, t_r):
+    """(in the new A, in the new B, kept in RAM) as 0/1, branch-free."""
+    return (np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a)),
+            np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b)),
+            np.int64(k >= t_r))
+
+
+@nb.njit(inline="always", cache=True)
 def _level(k, f, t_a, cut_a, t_b, cut_b, t_r):
     """Destination of an entry with magnitude key ``k`` at flat index ``f``:
     0 new A, 1 new X, 2 reserve, 3 out of RAM (branch-free)."""
-    in_a = np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a))
-    in_b = np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b))
-    in_r = np.int64(k >= t_r)
+    in_a, in_b, in_r = _levels(k, f, t_a, cut_a, t_b, cut_b, t_r)
     return 3 - in_a - in_b - in_r
 
 
@@ -411,14 +417,6 @@ def row_starts(flat, n_cols, n_rows):
     for row in nb.prange(n_rows + 1):
         out[row] = np.searchsorted(flat, np.int64(row) * n_cols)
     return out
-
-
-@nb.njit(inline="always", cache=True)
-def _levels(k, f, t_a, cut_a, t_b, cut_b, t_r):
-    """(in the new A, in the new B, kept in RAM) as 0/1, branch-free."""
-    return (np.int64(k > t_a) | (np.int64(k == t_a) & np.int64(f <= cut_a)),
-            np.int64(k > t_b) | (np.int64(k == t_b) & np.int64(f <= cut_b)),
-            np.int64(k >= t_r))
 
 
 @nb.njit(parallel=True, cache=True)
@@ -536,6 +534,14 @@ def _split_write(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat
                 bits[3 * w + j] = 0
 
 
+@nb.njit(inline="always", cache=True)
+def _mark_leaving(k, v, f, col, t_r, key, kind, param, round32, sval, bits):
+    """Mark an entry below ``t_r`` whose value is no longer theta0 (it is spilled)."""
+    if k < t_r and v != _init._theta0(key, f, kind, param, round32):
+        sval[col] = v
+        bits[col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+
+
 @nb.njit(parallel=True, cache=True)
 def _split_spill(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_ptr, r_val,
                  rkeys, c_flat, c_ptr, c_val, ckeys, mask, t_r, key, kind, param, round32,
@@ -559,29 +565,18 @@ def _split_spill(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat
             base = np.int64(row) * n_cols
             for p in range(a_indptr[row], a_indptr[row + 1]):
                 col = np.int64(a_cols[p])
-                if (vkeys[p] & mask < t_r
-                        and vals[p] != _init._theta0(key, base + col, kind, param, round32)):
-                    sval[col] = vals[p]
-                    bits[col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+                _mark_leaving(vkeys[p] & mask, vals[p], base + col, col, t_r, key, kind,
+                              param, round32, sval, bits)
             for p in range(x_indptr[row], x_indptr[row + 1]):
                 col = np.int64(x_cols[p])
-                if (vkeys[k_a + p] & mask < t_r
-                        and vals[k_a + p] != _init._theta0(key, base + col, kind, param,
-                                                           round32)):
-                    sval[col] = vals[k_a + p]
-                    bits[col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+                _mark_leaving(vkeys[k_a + p] & mask, vals[k_a + p], base + col, col, t_r, key,
+                              kind, param, round32, sval, bits)
             for p in range(r_ptr[row], r_ptr[row + 1]):
-                col = r_flat[p] - base
-                if (rkeys[p] & mask < t_r
-                        and r_val[p] != _init._theta0(key, r_flat[p], kind, param, round32)):
-                    sval[col] = r_val[p]
-                    bits[col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+                _mark_leaving(rkeys[p] & mask, r_val[p], r_flat[p], r_flat[p] - base, t_r, key,
+                              kind, param, round32, sval, bits)
             for p in range(c_ptr[row], c_ptr[row + 1]):
-                col = c_flat[p] - base
-                if (ckeys[p] & mask < t_r
-                        and c_val[p] != _init._theta0(key, c_flat[p], kind, param, round32)):
-                    sval[col] = c_val[p]
-                    bits[col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+                _mark_leaving(ckeys[p] & mask, c_val[p], c_flat[p], c_flat[p] - base, t_r, key,
+                              kind, param, round32, sval, bits)
             o0 = out_off[row] - out_off[row0]
             o = o0
             for j in range(w):
