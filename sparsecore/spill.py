@@ -196,31 +196,28 @@ def replenish_pass(store: ColdStore, cands: np.ndarray, lo: float, hi: float):
     return m, np.concatenate(out_f), np.concatenate(out_v)
 
 
+def _below(store: ColdStore, bound: float):
+    """The store's chunks restricted to |value| < ``bound`` (empty ones skipped)."""
+    for f, v in store.chunks():
+        if store.max_abs >= bound:
+            sel = np.abs(v) < bound
+            f, v = f[sel], v[sel]
+        if f.shape[0]:
+            yield f, v
+
+
 def rewrite(store: ColdStore, below: float, spilled: ColdStore, directory: str) -> ColdStore:
     """A new run holding the store's entries with |value| < ``below`` merged with
     ``spilled`` (disjoint, both sorted). Returns ``store`` itself when nothing
     changes."""
-    keep_all = not store.n or store.max_abs < below
-    if keep_all and not spilled.n:
+    if (not store.n or store.max_abs < below) and not spilled.n:
         return store
-    if not store.n and spilled.n:
+    if not store.n:
         return spilled
     w = Writer(directory, store.dtype)
-    a_iter, b_iter = store.chunks(), spilled.chunks()
-    af = av = bf = bv = None
-
-    def nxt(it):
-        for f, v in it:
-            if it is a_iter and not keep_all:
-                sel = np.abs(v) < below
-                f, v = f[sel], v[sel]
-            if f.shape[0]:
-                return f, v
-        return None, None
-
-    af, av = nxt(a_iter)
-    bf, bv = nxt(b_iter)
-    while af is not None and bf is not None:
+    a_iter, b_iter = _below(store, below), _below(spilled, np.inf)
+    (af, av), (bf, bv) = next(a_iter, (None, None)), next(b_iter, (None, None))
+    while af is not None and bf is not None:   # merge up to the smaller of the two tails
         lim = min(af[-1], bf[-1])
         ia = int(np.searchsorted(af, lim, "right"))
         ib = int(np.searchsorted(bf, lim, "right"))
@@ -228,12 +225,12 @@ def rewrite(store: ColdStore, below: float, spilled: ColdStore, directory: str) 
         vo = np.empty(ia + ib, store.dtype)
         _pool.merge_sorted(af[:ia], av[:ia], bf[:ib], bv[:ib], fo, vo)
         w.write(fo, vo)
-        af, av = (af[ia:], av[ia:]) if ia < af.shape[0] else nxt(a_iter)
-        bf, bv = (bf[ib:], bv[ib:]) if ib < bf.shape[0] else nxt(b_iter)
+        af, av = (af[ia:], av[ia:]) if ia < af.shape[0] else next(a_iter, (None, None))
+        bf, bv = (bf[ib:], bv[ib:]) if ib < bf.shape[0] else next(b_iter, (None, None))
     for f, v, it in ((af, av, a_iter), (bf, bv, b_iter)):
         while f is not None:
             w.write(f, v)
-            f, v = nxt(it)
+            f, v = next(it, (None, None))
     return w.close()
 
 

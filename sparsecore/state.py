@@ -209,11 +209,10 @@ class SparseState:
                     or (shape is None and v.dim() != 1):
                 raise ValueError(f"{where}: {n} has shape {tuple(v.shape)} and dtype {v.dtype}; "
                                  f"expected {shape if shape is not None else '(any,)'} {dtype}")
-        for i, v in (("reserve_idx", "reserve_val"), ("cold_idx", "cold_val")):
-            if t[i].shape != t[v].shape:
-                raise ValueError(f"{where}: {i} and {v} differ in shape")
-            if not torch.isfinite(t[v]).all():
-                raise ValueError(f"{where}: {v} contains NaN or Inf")
+        if t["reserve_idx"].shape != t["reserve_val"].shape:
+            raise ValueError(f"{where}: reserve_idx and reserve_val differ in shape")
+        if not torch.isfinite(t["reserve_val"]).all():
+            raise ValueError(f"{where}: reserve_val contains NaN or Inf")
         floor = float(t["floor"])
         if not floor >= 0:
             raise ValueError(f"{where}: floor {floor} is not >= 0")
@@ -247,11 +246,12 @@ def _checked_cold(chunks, n_cols: int, pool: tuple, floor: float, dtype, spill_d
     writer, last, seen = None, -1, 0
     n_rows = pool[0].shape[0] - 1
     for idx, val in chunks:
-        if idx.dtype != np.int64 or val.dtype != dtype or idx.ndim != 1 \
-                or idx.shape != val.shape:
+        if idx.shape != val.shape:
+            raise ValueError(f"{where}: cold_idx and cold_val differ in shape "
+                             f"({idx.shape} and {val.shape})")
+        if idx.dtype != np.int64 or val.dtype != dtype or idx.ndim != 1:
             raise ValueError(f"{where}: cold entries must be 1-D int64 indices and {dtype} "
-                             f"values of one length, got {idx.dtype} {idx.shape} and "
-                             f"{val.dtype} {val.shape}")
+                             f"values, got {idx.dtype} {idx.shape} and {val.dtype}")
         if not idx.shape[0]:
             continue
         if not np.isfinite(val).all():
