@@ -443,7 +443,9 @@ class TopKASTLinear(nn.Module):
         """Check a state (as produced by ``state_dict()``) against this layer without
         changing anything. Returns what to install: ``values``, ``bias`` (if any),
         the new :class:`SparseState` (``"sparse"``) and the saved ``stats``.
-        Raises ValueError naming the bad entry."""
+        ``cold_chunks``: the cold entries as an iterable of (flat, values) chunks
+        instead of ``cold_idx``/``cold_val`` in ``state`` (how :func:`sparsecore.load`
+        streams them). Raises ValueError naming the bad entry."""
         where = prefix or self._name()
         need = ["values", "_extra_state"] + (["bias"] if self.bias is not None else [])
         missing = [prefix + n for n in need + list(TENSOR_NAMES)
