@@ -10,7 +10,6 @@ import datetime
 import os
 import socket
 
-import sparsecore  # noqa: F401  (before torch)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

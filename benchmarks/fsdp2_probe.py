@@ -6,8 +6,8 @@ happens at each stage (docs/distributed.md, "FSDP2").
     TB=1 ...                                  # print tracebacks
 """
 import os, socket, traceback, datetime, warnings
-import sparsecore as sc
 import torch, torch.distributed as dist, torch.multiprocessing as mp
+import sparsecore as sc
 from torch import nn
 
 def _as_numpy(t, name):

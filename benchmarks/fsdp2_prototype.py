@@ -12,8 +12,8 @@ the exploration hook does not find FSDP's replacement parameters.
 """
 import socket, datetime, warnings
 import numpy as np
-import sparsecore as sc
 import torch, torch.distributed as dist, torch.multiprocessing as mp
+import sparsecore as sc
 from torch import nn
 
 STEPS, EVERY, B = 7, 3, 8

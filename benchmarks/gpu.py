@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see sparsecore/__init__.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see docs/benchmarks.md, OpenMP wait policy
 
 import torch  # noqa: E402  (torch first: the GPU runtime does not care about OpenMP order)
 

@@ -61,7 +61,6 @@ import warnings
 
 HERE_ = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE_.parent))
-import sparsecore  # noqa: E402,F401  (before torch: see the OpenMP note in docs)
 
 import numba as nb  # noqa: E402
 import numpy as np  # noqa: E402

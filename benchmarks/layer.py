@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import os
 
-# the OpenMP settings this process started with (sparsecore may set OMP_WAIT_POLICY at
-# import, which then applies only to OpenMP runtimes loaded after it, not to torch's)
+# the OpenMP settings this process started with (recorded with the results: the wait
+# policy decides timings on a shared machine, see docs/benchmarks.md)
 _ENV_AT_START = {k: os.environ[k] for k in (
     "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_NUM_THREADS",
     "NUMBA_THREADING_LAYER", "MKL_NUM_THREADS", "KMP_BLOCKTIME") if k in os.environ}
@@ -58,13 +58,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE.parent))
 
-import sparsecore as sc  # noqa: E402  (before torch: see the OpenMP note in docs)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402  (first, as user code does)
+from torch import nn  # noqa: E402
+
+import sparsecore as sc  # noqa: E402
 from sparsecore import kernels as _kernels  # noqa: E402
 from _common import pyplot, save_figure, tree_state  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 SPARSITIES = [(0.8, 0.5), (0.95, 0.9), (0.99, 0.98)]
 TARGETS = {(0.8, 0.5): 2.5, (0.95, 0.9): 10.0, (0.99, 0.98): 30.0}

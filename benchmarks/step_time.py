@@ -9,16 +9,19 @@ dense step / sparse step (median of per-round ratios), and the same ratio with o
 ``model.refresh()`` amortised over refresh_every in {1, 10, 100} steps.
 
 Import-order mode (``--import-order``): the step of one 4096x4096 TopKASTLinear
-(n = 512, 99/98) and of a small MLP (784-1024-1024-10 at 90/80, batch 128) in three
-cases, each in a fresh subprocess: torch imported first, sparsecore imported first,
-and OMP_WAIT_POLICY=PASSIVE set in the environment; rounds alternate the cases.
+(n = 512, 99/98), of a small MLP (784-1024-1024-10 at 90/80, batch 128) and, as the
+control, of the same MLP dense (torch only), in three cases, each in a fresh
+subprocess: torch imported first, sparsecore imported first, and
+OMP_WAIT_POLICY=PASSIVE set in the environment; rounds alternate the cases.
+``--load K`` runs K busy-looping processes beside the measurement (an oversubscribed
+machine, where OpenMP's wait policy matters).
 
 Usage::
 
     python benchmarks/step_time.py [--quick]
-    python benchmarks/step_time.py --import-order [--quick]
+    python benchmarks/step_time.py --import-order [--quick] [--load K]
 
-Writes benchmarks/results/step_time[_quick].json / import_order[_quick].json.
+Writes benchmarks/results/step_time[_quick].json / import_order[_quick][_loadK].json.
 """
 from __future__ import annotations
 
@@ -52,6 +55,12 @@ if what == "layer":
     mod = sc.TopKASTLinear(N, N, forward_sparsity=0.99, backward_sparsity=0.98)
     x = torch.randn(n, N).requires_grad_(True)
     fwd = lambda: mod(x)
+elif what == "dense_mlp":
+    mod = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(),
+                              torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+    x = torch.randn(128, 784)
+    yl = torch.randint(0, 10, (128,))
+    fwd = lambda: torch.nn.functional.cross_entropy(mod(x), yl)
 else:
     net = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(),
                               torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10))
@@ -70,42 +79,57 @@ def step():
 for _ in range(3):
     step()
 ts = [step() for _ in range(int(sys.argv[3]))]
-print(statistics.median(ts), numba.threading_layer())
+try:
+    layer = numba.threading_layer()
+except ValueError:   # no parallel Numba region ran (the dense control)
+    layer = "none"
+print(statistics.median(ts), layer)
 '''
 
 
-def import_order(quick: bool) -> dict:
+def import_order(quick: bool, load: int) -> dict:
     cases = ["torch_first", "sparsecore_first", "env_passive"]
+    whats = ("layer", "mlp", "dense_mlp")
     rounds = 3 if quick else 5
     steps = 5 if quick else 10
-    res = {w: {c: [] for c in cases} for w in ("layer", "mlp")}
+    res = {w: {c: [] for c in cases} for w in whats}
     layer_used = {}
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    try:
+        _import_order_rounds(cases, whats, rounds, steps, res, layer_used)
+    finally:
+        for h in hogs:
+            h.kill()
+    summary = {}
+    print(f"\nImport order, {load} busy processes beside (median step ms over fresh "
+          "subprocesses; ratio to env_passive):")
+    for what in res:
+        med = {c: statistics.median(v) for c, v in res[what].items()}
+        summary[what] = {c: {"ms": 1e3 * m, "over_env_passive": m / med["env_passive"]}
+                         for c, m in med.items()}
+        print(f"  {what:9}: " + ", ".join(f"{c} {1e3 * m:.1f} ms ({m / med['env_passive']:.2f}x)"
+                                          for c, m in med.items()))
+    print(f"  numba threading layer: {layer_used}")
+    return {"summary": summary, "raw_s": res, "threading_layer": layer_used, "load": load,
+            "load_avg": os.getloadavg()}
+
+
+def _import_order_rounds(cases, whats, rounds, steps, res, layer_used):
     for r in range(rounds):
-        for what in ("layer", "mlp"):
+        for what in whats:
             for c in (cases if r % 2 == 0 else cases[::-1]):
                 env = dict(os.environ, PYTHONPATH=str(ROOT))
                 env.pop("OMP_WAIT_POLICY", None)
                 if c == "env_passive":
                     env["OMP_WAIT_POLICY"] = "PASSIVE"
-                out = subprocess.run([sys.executable, "-c", CHILD, c.replace("env_passive", "sc"),
+                out = subprocess.run([sys.executable, "-c", CHILD, "torch_first" if c == "env_passive" else c,
                                       what, str(steps)], env=env, capture_output=True, text=True,
                                      timeout=600)
                 if out.returncode:
                     raise RuntimeError(out.stderr[-2000:])
                 t, layer = out.stdout.split()
                 res[what][c].append(float(t))
-                layer_used[c] = layer
-    summary = {}
-    print("\nImport order (median step ms over fresh subprocesses; ratio to env_passive):")
-    for what in res:
-        med = {c: statistics.median(v) for c, v in res[what].items()}
-        summary[what] = {c: {"ms": 1e3 * m, "over_env_passive": m / med["env_passive"]}
-                         for c, m in med.items()}
-        print(f"  {what:6}: " + ", ".join(f"{c} {1e3 * m:.1f} ms ({m / med['env_passive']:.2f}x)"
-                                          for c, m in med.items()))
-    print(f"  numba threading layer: {layer_used}")
-    return {"summary": summary, "raw_s": res, "threading_layer": layer_used,
-            "load_avg": os.getloadavg()}
+                layer_used[f"{what}/{c}"] = layer
 
 
 def model_steps(quick: bool, layers: int, batch: int) -> dict:
@@ -181,10 +205,13 @@ def main(argv=None):
     ap.add_argument("--import-order", action="store_true")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--load", type=int, default=0,
+                    help="busy-looping processes beside the import-order measurement")
     a = ap.parse_args(argv)
     q = "_quick" if a.quick else ""
     if a.import_order:
-        res, stem = import_order(a.quick), "import_order"
+        res, stem = import_order(a.quick, a.load), "import_order"
+        q += f"_load{a.load}" if a.load else ""
     else:
         res, stem = model_steps(a.quick, a.layers, a.batch), "step_time"
     sys.path.insert(0, str(HERE))

@@ -15,8 +15,9 @@ import resource
 import tempfile
 import time
 
-import sparsecore as sc  # first: its OpenMP wait policy then applies to torch too
 import torch
+
+import sparsecore as sc
 from torch import nn
 
 WIDTH = 40_000

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 
-import sparsecore as sc  # first: its OpenMP wait policy then applies to torch too
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
+
+import sparsecore as sc
 
 
 def load_data(seed: int = 0):

@@ -16,10 +16,10 @@ import os
 import tempfile
 import time
 
-import sparsecore as sc  # before torch: see docs/usage.md, threads note
-
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+import sparsecore as sc
 
 VOCAB, SEQ = 64, 12
 

@@ -6,43 +6,26 @@ Public API: :class:`TopKASTLinear`, :class:`TopKASTConv2d`, :class:`TopKASTConv1
 """
 from __future__ import annotations
 
-import os as _os
-import sys as _sys
+# Threads: sparsecore's Numba kernels run on the same OpenMP runtime as torch (Numba's
+# ``omp`` layer binds to the libgomp that torch loaded), so there is one thread pool and
+# one wait policy, fixed by the environment when torch loads that runtime. sparsecore
+# does not change it: setting OMP_WAIT_POLICY at import reached torch only when
+# sparsecore was imported first, which made the speed depend on import order. Measured
+# (benchmarks/step_time.py --import-order, docs/benchmarks.md): on a quiet machine the
+# default (spinning) policy is as fast or faster; on an oversubscribed one, torch's own
+# dense ops slow down as much as the sparse ones, and OMP_WAIT_POLICY=PASSIVE set
+# before Python starts helps both alike.
 
-# When torch is imported first, Numba's OpenMP layer binds to torch's libgomp (one
-# runtime, one thread pool: checked with LD_DEBUG=bindings), so there is no second pool
-# to tune: what matters is that runtime's wait policy, which libgomp reads once, when it
-# is loaded. Its default (active spinning after every parallel region) makes idle
-# workers burn the cores the next region and the main thread need; on a busy 2-core
-# machine that measured 2.4-3.3x slower for a 4096^2 layer step and 11-50x for a small
-# MLP step (benchmarks/step_time.py --import-order). Tried and not enough: Numba's
-# workqueue layer (the MLP still 20x slower: torch's own workers spin), running Numba
-# single-threaded (19x), running every small product on the calling thread (37x).
-# There is no API to change the policy after load, so the difference remains when
-# torch came first and we keep the warning.
-# Passive waiting applies to every OpenMP runtime loaded after this line.
-if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
-    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    if "torch" in _sys.modules:
-        import warnings as _warnings
-        _warnings.warn(
-            "sparsecore was imported after torch, so the OpenMP runtime torch loaded (which "
-            "sparsecore's kernels share) busy-waits between parallel regions; measured on a "
-            "loaded 2-core machine: a layer step 2.4-3.3x and a small MLP step 11-50x slower "
-            "than with passive waiting. Import sparsecore before torch, or set OMP_WAIT_POLICY=PASSIVE "
-            "in the environment before starting Python (setting it to any value silences "
-            "this).", RuntimeWarning, stacklevel=2)
+from ._version import __version__
 
-from ._version import __version__  # noqa: E402
-
-from .layers import TopKASTConv2d, TopKASTLinear  # noqa: E402
-from .adapters import TopKASTConv1d, TopKASTMultiheadAttention  # noqa: E402
-from .memory import MemoryReport  # noqa: E402
-from .model import SparseModel  # noqa: E402
-from .optim import param_groups  # noqa: E402
-from .topkast import RefreshError  # noqa: E402
-from .checkpoint import CheckpointError, load, save  # noqa: E402
-from . import export  # noqa: E402
+from .layers import TopKASTConv2d, TopKASTLinear
+from .adapters import TopKASTConv1d, TopKASTMultiheadAttention
+from .memory import MemoryReport
+from .model import SparseModel
+from .optim import param_groups
+from .topkast import RefreshError
+from .checkpoint import CheckpointError, load, save
+from . import export
 
 __all__ = ["TopKASTLinear", "TopKASTConv2d", "TopKASTConv1d", "TopKASTMultiheadAttention",
            "SparseModel", "MemoryReport", "RefreshError",

@@ -78,3 +78,33 @@ def test_dispatch_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_engine_on_cuda_equals_reference():
     _train_against_reference("cuda", None)
+
+
+IMPORT_PROBE = r"""
+import os, sys, warnings
+warnings.simplefilter("error")          # any warning at import fails the probe
+if sys.argv[1] == "torch_first":
+    import torch
+    import sparsecore
+else:
+    import sparsecore
+    import torch
+l = sparsecore.TopKASTLinear(64, 64, forward_sparsity=0.5, backward_sparsity=0.2)
+l(torch.randn(256, 64)).sum().backward()     # runs parallel Numba kernels
+print(os.environ.get("OMP_WAIT_POLICY", "unset"))
+"""
+
+
+@pytest.mark.parametrize("order", ["torch_first", "sparsecore_first"])
+def test_import_order_changes_nothing(order):
+    """sparsecore leaves the OpenMP environment as it found it and warns about nothing,
+    whichever is imported first, so torch's and the kernels' wait policy cannot depend
+    on import order."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE, order], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["unset"]
