@@ -281,6 +281,24 @@ def test_many_columns_and_long_rows(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [20, 64, 300])
+def test_sddmm_row_blocks_panels_and_tiles(dtype, n):
+    """sddmm over several row blocks (one task each, > 1024 rows), several column tiles of
+    the packed X panel (5 000 columns), one or more sample panels with a zero-padded last
+    one (P = 32, 64, 128 float32 / 32, 64 float64), empty rows, the regulariser and a
+    second structure served by the same packed operands."""
+    from sparsecore.kernels.cpu import sddmm as cpu_sddmm
+    itemsize = 4 if dtype == torch.float32 else 8
+    P = cpu_sddmm.sddmm_panel_width(n, itemsize)
+    assert P == {20: 32, 64: 64, 300: 512 // itemsize}[n]
+    assert cpu_sddmm._L2_TILE_BYTES // (P * itemsize) < 5_000   # tiled columns
+    rng = np.random.default_rng(n)
+    w = CSR(rng, 2_100, 5_000, 0.002, dtype, empty_rows=0.2)
+    check_sddmm(w, rand(rng, (w.rows, n), dtype), rand(rng, (w.cols, n), dtype),
+                theta=rand(rng, (w.nnz,), dtype), reg=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("density", [0.1, 0.02, 0.002])
 def test_column_tiled_spmm_paths(dtype, density):
     """Panels wider than ~L2 (5000 columns x 256 bytes) take the column-tiled kernel:

@@ -262,11 +262,8 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: tor
                              "1-D CPU out of one value per index)")
     o = None if out is None else _np(out, "out")
     th = None if theta is None else _np(theta, "theta")
-    if row:
-        # The dot-product kernel reads both operands feature-major; one blocked,
-        # parallel torch copy each, shared by every structure of the call, measured
-        # faster than packing them in Numba (benchmarks/layer.py, docs/benchmarks.md).
-        gt, xt, row = gt.detach().t().contiguous(), xt.detach().t().contiguous(), False
+    # either layout is read as the (n, features) view it is: the kernel packs both
+    # operands into sample panels itself (once per call, shared by every structure)
     g, x = _act(gt, "gt", row), _act(xt, "xt", row)
     extra = [(_np(ip, "indptr"), _np(ix, "indices"), _np(oo, "out")) for ip, ix, oo in more]
     nnz = indices.numel() + sum(ix.numel() for _, ix, _ in more)

@@ -1,24 +1,33 @@
 """Sampled dense-dense product: dW_k = sum_n G[n, row_k] X[n, col_k] (+ reg * theta_k).
 
 Only the stored positions are computed: the dense G^T X is never formed. The
-activations arrive row-major as torch hands them (G (n, out), X (n, in)); the
-kernel first packs them feature-major (gt (out, n), xt (in, n)) in one parallel,
-cache-blocked pass each, so every entry is a dot product of two contiguous rows
-(inputs already feature-major are used as they are). One thread owns each CSR row, so results do not depend on
-the thread count; W's columns are walked in L2-sized tiles (fastest when column
-indices ascend within each row; any order is correct); sums accumulate in the activations' dtype. The Top-KAST
-exploration term is fused: ``out[k] += reg * theta[k]`` with one coefficient
-per call (the engine calls once for A and once for B minus A).
+activations arrive as torch hands them (G (n, out), X (n, in), row-major; any strides
+work) and are packed, in one parallel pass each, into the panels the products use
+(:func:`.spmm.pack_panels`: ``gp[p, r, :]`` holds samples p*P .. p*P+P-1 of feature r,
+zero padded; P = 128 float32 / 64 float64, fewer for small n). No transposed copy of
+an activation is made.
+
+One thread owns each block of up to 1024 CSR rows, so results do not depend on the
+thread count. Within a block the panels are walked one at a time (each value adds
+one P-long dot product into ``out[k]``, panels in a fixed order), and within a panel
+W's columns in tiles of 512 KiB of packed X, which stay in L2 while every row of the
+block reuses them; G's panel rows stream. Four stored values of a row share each
+load of ``gp[p, row]``. Measured limit: L2 bandwidth (P * itemsize bytes of X per
+value and panel, about 2 cycles per 64-byte line on the 2-core benchmark machine).
+Column indices should ascend within each row (fastest); any order is correct.
+Sums accumulate in the activations' dtype. The Top-KAST exploration term is fused:
+``out[k] += reg * theta[k]`` after the last panel, with one coefficient per call.
 """
 from __future__ import annotations
 
 import numba as nb
 import numpy as np
 
-from .spmm import transpose_into
+from .spmm import U, aligned_empty, pack_panels, wide_vectors
 
 
-_L2_TILE_BYTES = 384 * 1024   # target size of the xt tile kept in L2 per thread
+_L2_TILE_BYTES = 512 * 1024   # target size of the X panel tile kept in L2 per thread
+_ROW_BLOCK = 1024              # rows per task (reusing each X tile)
 
 
 @nb.njit(inline="always", cache=True)
@@ -47,77 +56,97 @@ def tile_end(indices, k, e, c1):
     return k
 
 
-@nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def _sddmm_kernel(indptr, indices, gt, xt, theta, reg, zero, out, T, RB):
-    """Rows are split into blocks of RB (one thread each); within a block W's
-    columns are walked in tiles of T so the touched rows of ``xt`` stay in L2
-    while every row of the block reuses them. Four stored values share each
-    load of ``gt[row]``."""
-    nrows = indptr.shape[0] - 1
-    n = gt.shape[1]
-    use_reg = reg != 0.0
-    nblk = (nrows + RB - 1) // RB
-    for b in nb.prange(nblk):
-        r0 = b * RB
-        r1 = min(r0 + RB, nrows)
-        cur = indptr[r0:r1].copy()
-        while True:
-            c1 = next_tile(indices, indptr, cur, r0, r1, T)
-            if c1 < 0:
-                break
-            for r in range(r0, r1):
-                k = cur[r - r0]
-                k1 = tile_end(indices, k, indptr[r + 1], c1)
-                cur[r - r0] = k1
-                g = gt[r]
-                while k + 4 <= k1:
-                    x0 = xt[indices[k]]
-                    x1 = xt[indices[k + 1]]
-                    x2 = xt[indices[k + 2]]
-                    x3 = xt[indices[k + 3]]
-                    s0 = zero
-                    s1 = zero
-                    s2 = zero
-                    s3 = zero
-                    for j in range(n):
-                        gj = g[j]
-                        s0 += gj * x0[j]
-                        s1 += gj * x1[j]
-                        s2 += gj * x2[j]
-                        s3 += gj * x3[j]
-                    if use_reg:
-                        s0 += reg * theta[k]
-                        s1 += reg * theta[k + 1]
-                        s2 += reg * theta[k + 2]
-                        s3 += reg * theta[k + 3]
-                    out[k] = s0
-                    out[k + 1] = s1
-                    out[k + 2] = s2
-                    out[k + 3] = s3
-                    k += 4
-                while k < k1:
-                    x0 = xt[indices[k]]
-                    s0 = zero
-                    for j in range(n):
-                        s0 += g[j] * x0[j]
-                    if use_reg:
-                        s0 += reg * theta[k]
-                    out[k] = s0
-                    k += 1
+def _make_sddmm_kernel(P):
+    """Kernel for packed panels of exactly P samples (a compile-time constant: the
+    P-vector of ``gp[p, row]`` stays in registers while a row's values use it)."""
+
+    @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
+    def kernel(indptr, indices, gp, xp, theta, reg, out, T, RB):
+        nrows = indptr.shape[0] - 1
+        npan = xp.shape[0]
+        use_reg = reg != 0.0
+        nblk = (nrows + RB - 1) // RB
+        for b in nb.prange(nblk):
+            wide_vectors()
+            r0 = b * RB
+            r1 = min(r0 + RB, nrows)
+            cur = np.empty(r1 - r0, np.int64)
+            # one panel of P samples at a time: the block's values each add one
+            # P-long dot product into out[k]; X's panel is walked in column tiles
+            # of T (L2-sized) that every row of the block reuses
+            for p in range(npan):
+                pu = U(p)
+                first = p == 0
+                for r in range(r0, r1):
+                    cur[r - r0] = indptr[r]
+                while True:
+                    c1 = next_tile(indices, indptr, cur, r0, r1, T)
+                    if c1 < 0:
+                        break
+                    for r in range(r0, r1):
+                        k = cur[r - r0]
+                        k1 = tile_end(indices, k, indptr[r + 1], c1)
+                        cur[r - r0] = k1
+                        ru = U(r)
+                        # four values share each load of gp[p, r]
+                        while k + 4 <= k1:
+                            ca = U(indices[U(k)])
+                            cb = U(indices[U(k + 1)])
+                            cc = U(indices[U(k + 2)])
+                            cd = U(indices[U(k + 3)])
+                            s0 = out.dtype.type(0)
+                            s1 = out.dtype.type(0)
+                            s2 = out.dtype.type(0)
+                            s3 = out.dtype.type(0)
+                            for j in range(P):
+                                gj = gp[pu, ru, j]
+                                s0 += gj * xp[pu, ca, j]
+                                s1 += gj * xp[pu, cb, j]
+                                s2 += gj * xp[pu, cc, j]
+                                s3 += gj * xp[pu, cd, j]
+                            if first:
+                                out[U(k)] = s0
+                                out[U(k + 1)] = s1
+                                out[U(k + 2)] = s2
+                                out[U(k + 3)] = s3
+                            else:
+                                out[U(k)] += s0
+                                out[U(k + 1)] += s1
+                                out[U(k + 2)] += s2
+                                out[U(k + 3)] += s3
+                            k += 4
+                        while k < k1:
+                            ca = U(indices[U(k)])
+                            s0 = out.dtype.type(0)
+                            for j in range(P):
+                                s0 += gp[pu, ru, j] * xp[pu, ca, j]
+                            if first:
+                                out[U(k)] = s0
+                            else:
+                                out[U(k)] += s0
+                            k += 1
+            if use_reg:
+                for k in range(indptr[r0], indptr[r1]):
+                    out[k] += reg * theta[k]
+
+    return kernel
+
+
+_SDDMM_PANELS = (32, 64, 128)
+_SDDMM_KERNELS = {P: _make_sddmm_kernel(P) for P in _SDDMM_PANELS}
+
+
+def sddmm_panel_width(n: int, itemsize: int) -> int:
+    """Samples per packed panel: 512-byte panel rows (128 float32 / 64 float64; eight
+    512-bit loads per value and panel, so the horizontal sum of each dot product is
+    amortised over eight FMAs), 256-byte rows when n fits them, 32 when n <= 32."""
+    for P in (32, 64):
+        if n <= P and P * itemsize >= 128:
+            return P
+    return 512 // itemsize
 
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
-
-
-def feature_major(a: np.ndarray) -> np.ndarray:
-    """(features, n) C-contiguous form of a (n, features) array: a view when ``a`` is
-    already a transposed feature-major buffer, else one parallel blocked pack."""
-    t = a.T
-    if t.flags.c_contiguous:
-        return t
-    out = np.empty((a.shape[1], a.shape[0]), a.dtype)
-    transpose_into(a, out)
-    return out
 
 
 def sddmm(indptr: np.ndarray, indices: np.ndarray, g: np.ndarray, x: np.ndarray,
@@ -142,11 +171,16 @@ def sddmm(indptr: np.ndarray, indices: np.ndarray, g: np.ndarray, x: np.ndarray,
         for _, _, th, rg, o in jobs:
             o[:] = rg * th if rg != 0.0 else 0.0
         return out
-    gt = feature_major(g)
-    xt = feature_major(x)
-    tile = max(64, _L2_TILE_BYTES // max(1, n * g.itemsize))
+    P = sddmm_panel_width(n, g.itemsize)
+    npan = -(-n // P)
+    gp = aligned_empty(npan * g.shape[1] * P, g.dtype).reshape((npan, g.shape[1], P))
+    pack_panels(g, gp)
+    xp = aligned_empty(npan * x.shape[1] * P, x.dtype).reshape((npan, x.shape[1], P))
+    pack_panels(x, xp)
+    tile = max(64, _L2_TILE_BYTES // (P * g.itemsize))
+    kern = _SDDMM_KERNELS[P]
     for ip, ix, th, rg, o in jobs:
         nrows = ip.shape[0] - 1
-        rb = max(16, -(-nrows // (4 * nb.get_num_threads())))
-        _sddmm_kernel(ip, ix, gt, xt, th, rg, g.dtype.type(0), o, tile, rb)
+        rb = max(16, min(_ROW_BLOCK, -(-nrows // (2 * nb.get_num_threads()))))
+        kern(ip, ix, gp, xp, th, rg, o, tile, rb)
     return out
