@@ -109,37 +109,6 @@ def pack_panels(x, out):
                 o[f, j] = 0.0
 
 
-@nb.njit(parallel=True, cache=True, boundscheck=False)
-def transpose_into(x, out):
-    """out (F, n) = x (n, F)^T. Blocks of 64 samples x 256 features (one task each)
-    are moved in 16 x 16 tiles through a stack buffer, so both sides are read and
-    written in contiguous runs of >= 64 bytes (a plain strided loop thrashes L1 sets
-    when rows are a multiple of 4 KiB apart, and a column-strip order defeats the
-    hardware prefetchers)."""
-    n, F = x.shape
-    JB = 64
-    FB = 256
-    nj = (n + JB - 1) // JB
-    nf = (F + FB - 1) // FB
-    for t in nb.prange(nj * nf):
-        jb0 = (t // nf) * JB
-        fb0 = (t % nf) * FB
-        buf = nb.carray(_stack_buffer(256, x.dtype), (16, 16))
-        for j0 in range(jb0, min(jb0 + JB, n), 16):
-            jm = min(16, n - j0)
-            for f0 in range(fb0, min(fb0 + FB, F), 16):
-                fm = min(16, F - f0)
-                for jj in range(jm):
-                    xr = x[j0 + jj, f0:f0 + fm]
-                    for ff in range(fm):
-                        buf[ff, jj] = xr[ff]
-                for ff in range(fm):
-                    orow = out[f0 + ff, j0:j0 + jm]
-                    b = buf[ff]
-                    for jj in range(jm):
-                        orow[jj] = b[jj]
-
-
 @nb.njit(cache=True)
 def aligned_empty(size, dtype):
     """Uninitialised 1-d array of ``size`` values starting on a 64-byte boundary
