@@ -352,6 +352,139 @@ def test_csr_rows_kernel_any_tile_and_panel(dtype, P, T):
         assert np.all(np.abs(yt - exact - bias) <= 40 * eps * (bound + np.abs(bias)) + 1e-300)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("P", [32, 64, 128])
+def test_pack_panels_matches_slices(dtype, P):
+    """pack_panels (16-sample groups over 256-feature blocks) against numpy slicing:
+    n not a multiple of 16 or P (zero padding), F not a multiple of 256, a transposed
+    (strided) input; the padded tail is overwritten even over stale data."""
+    from sparsecore.kernels.cpu import spmm as cpu_spmm
+    rng = np.random.default_rng(P)
+    for n, F in ((1, 3), (P - 7, 300), (P + 19, 513), (3 * P, 256)):
+        for x in (rng.standard_normal((n, F)).astype(dtype),
+                  rng.standard_normal((F, n)).astype(dtype).T):
+            npan = -(-n // P)
+            want = np.zeros((npan * P, F), dtype)
+            want[:n] = x
+            want = want.reshape(npan, P, F).transpose(0, 2, 1)
+            out = np.full((npan, F, P), np.nan, dtype)
+            cpu_spmm.pack_panels(x, out)
+            np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("P", [32, 64])
+def test_csr_rows_kernel_reads_sub_panels_of_a_wider_pack(dtype, P):
+    """The row kernel on panels packed wider than its own width (2P, 4P: the shared
+    dy pack of the backward) reads P-sample sub-panels and matches dense math, for n
+    that leaves the last stored panel partly or wholly padded."""
+    from sparsecore.kernels.cpu import spmm as cpu_spmm
+    rng = np.random.default_rng(P)
+    rows, cols = 150, 57
+    mask = rng.random((rows, cols)) < 0.3
+    indptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int64)
+    indices = np.concatenate([np.nonzero(m)[0] for m in mask]).astype(np.int32)
+    data = rng.standard_normal(indices.size).astype(dtype)
+    wd = np.zeros((rows, cols))
+    wd[np.repeat(np.arange(rows), mask.sum(1)), indices] = data
+    for PS in (2 * P, 4 * P):
+        for n in (1, P + 3, 2 * P + 1, 5 * P):
+            x = rng.standard_normal((n, cols)).astype(dtype)
+            exact = x.astype(np.float64) @ wd.T
+            bound = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+            y = np.full((n, rows), np.nan, dtype)
+            with cpu_spmm.share_packing(x, PS):
+                cpu_spmm.csr_rows_kernel(indptr, indices, data, x, y, P=P)
+                assert cpu_spmm._TLS.share[2].shape == (-(-n // PS), cols, PS)
+            assert np.all(np.abs(y - exact) <= 40 * np.finfo(dtype).eps * bound + 1e-300)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [20, 64, 300])
+def test_share_packing_backward_matches_dense(dtype, n):
+    """spmm_t and sddmm inside share_packing(g) (the layer's backward: g packed once at
+    sddmm's width, read by spmm_t as sub-panels) match dense math and give the same
+    bits as without sharing; an operand other than the shared one is packed as usual."""
+    rng = np.random.default_rng(n)
+    w = CSR(rng, 300, 200, 0.05, dtype, empty_rows=0.1)
+    t = kernels.transpose_csr(w.indptr, w.indices, w.cols)
+    g, x = rand(rng, (n, w.rows), dtype), rand(rng, (n, w.cols), dtype)
+    g2 = rand(rng, (n, w.rows), dtype)
+
+    def run(gg):
+        dx = kernels.spmm_t(*t, w.values, gg, layout="row")
+        dw = kernels.sddmm(w.indptr, w.indices, gg, x, layout="row")
+        return dx, dw
+
+    plain = run(g)
+    with kernels.share_packing(g):
+        shared = run(g)
+        other = run(g2)          # not the shared tensor: its own packing
+    for a, b in zip(plain, shared):
+        assert torch.equal(a, b)
+    wd = w.dense64()
+    for gg, (dx, dw) in ((g, shared), (g2, other)):
+        g64, x64 = gg.double(), x.double()
+        assert_within(dx, g64 @ wd, g64.abs() @ wd.abs(), dtype, w.max_col_nnz(), "spmm_t")
+        r, c = w.row_of, w.indices.long()
+        assert_within(dw, (g64[:, r] * x64[:, c]).sum(0), (g64[:, r] * x64[:, c]).abs().sum(0),
+                      dtype, n + 1, "sddmm")
+
+
+def test_workspace_is_reused_bounded_and_per_thread(monkeypatch):
+    """The packing workspace: one buffer per (thread, slot), grown to the largest size
+    asked for and reused by later (smaller) calls; a buffer over the cap is not kept;
+    Python threads calling the kernels at once each get their own buffers and correct
+    results."""
+    import threading
+    from sparsecore.kernels.cpu import spmm as cpu_spmm
+    a = cpu_spmm.workspace("test", (4, 100), np.float32)
+    assert a.ctypes.data % 64 == 0 and a.shape == (4, 100) and a.dtype == np.float32
+    b = cpu_spmm.workspace("test", (3, 10), np.float64)
+    assert b.ctypes.data == a.ctypes.data          # reused
+    c = cpu_spmm.workspace("test", (1000, 100), np.float32)
+    assert cpu_spmm._TLS.bufs["test"].nbytes >= c.nbytes   # grown and kept
+    monkeypatch.setattr(cpu_spmm, "_WS_KEEP", 1000)
+    d = cpu_spmm.workspace("test", (200_000,), np.float32)     # grows past the cap
+    assert "test" not in cpu_spmm._TLS.bufs and d.shape == (200_000,)   # not kept
+    monkeypatch.undo()
+
+    rng = np.random.default_rng(3)
+    w = CSR(rng, 200, 150, 0.1, torch.float32)
+    t = kernels.transpose_csr(w.indptr, w.indices, w.cols)
+    wd = w.dense64()
+    inputs = [(rand(rng, (70 + 9 * i, w.cols), torch.float32),
+               rand(rng, (70 + 9 * i, w.rows), torch.float32)) for i in range(4)]
+    errors, ids = [], set()
+
+    def worker(x, g):
+        try:
+            for _ in range(5):
+                y = kernels.spmm(w.indptr, w.indices, w.values, x, layout="row")
+                with kernels.share_packing(g):
+                    dx = kernels.spmm_t(*t, w.values, g, layout="row")
+                    dw = kernels.sddmm(w.indptr, w.indices, g, x, layout="row")
+                assert_within(y, x.double() @ wd.t(), x.double().abs() @ wd.abs().t(),
+                              torch.float32, w.max_row_nnz(), "spmm")
+                assert_within(dx, g.double() @ wd, g.double().abs() @ wd.abs(),
+                              torch.float32, w.max_col_nnz(), "spmm_t")
+                r, c = w.row_of, w.indices.long()
+                prod = g.double()[:, r] * x.double()[:, c]
+                assert_within(dw, prod.sum(0), prod.abs().sum(0), torch.float32,
+                              x.shape[0] + 1, "sddmm")
+            ids.add(id(cpu_spmm._TLS.bufs["x"]))
+        except BaseException as e:   # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=xg) for xg in inputs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+    assert len(ids) == len(inputs)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_very_wide(dtype):
     """in >= 70000 columns (beyond int16), few rows, few entries."""

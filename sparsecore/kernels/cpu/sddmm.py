@@ -4,8 +4,9 @@ Only the stored positions are computed: the dense G^T X is never formed. The
 activations arrive as torch hands them (G (n, out), X (n, in), row-major; any strides
 work) and are packed, in one parallel pass each, into the panels the products use
 (:func:`.spmm.pack_panels`: ``gp[p, r, :]`` holds samples p*P .. p*P+P-1 of feature r,
-zero padded; P = 128 float32 / 64 float64, fewer for small n). No transposed copy of
-an activation is made.
+zero padded; P = 128 float32 / 64 float64, fewer for small n) in the calling thread's
+reused workspace, or taken from the pack of dy shared with spmm_t
+(:func:`.spmm.share_packing`). No transposed copy of an activation is made.
 
 One thread owns each block of up to 1024 CSR rows, so results do not depend on the
 thread count. Within a block the panels are walked one at a time (each value adds
@@ -23,7 +24,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .spmm import U, aligned_empty, pack_panels, wide_vectors
+from .spmm import U, pack_panels, packed, wide_vectors, workspace
 
 
 _L2_TILE_BYTES = 512 * 1024   # target size of the X panel tile kept in L2 per thread
@@ -146,6 +147,12 @@ def sddmm_panel_width(n: int, itemsize: int) -> int:
     return 512 // itemsize
 
 
+def _own(a, P, slot):
+    ap = workspace(slot, (-(-a.shape[0] // P), a.shape[1], P), a.dtype)
+    pack_panels(a, ap)
+    return ap
+
+
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 
 
@@ -172,11 +179,11 @@ def sddmm(indptr: np.ndarray, indices: np.ndarray, g: np.ndarray, x: np.ndarray,
             o[:] = rg * th if rg != 0.0 else 0.0
         return out
     P = sddmm_panel_width(n, g.itemsize)
-    npan = -(-n // P)
-    gp = aligned_empty(npan * g.shape[1] * P, g.dtype).reshape((npan, g.shape[1], P))
-    pack_panels(g, gp)
-    xp = aligned_empty(npan * x.shape[1] * P, x.dtype).reshape((npan, x.shape[1], P))
-    pack_panels(x, xp)
+    gp = packed(g, P, "g")
+    xp = packed(x, P, "x")
+    if gp.shape[2] != P or xp.shape[2] != P:     # a shared pack of another width
+        gp, xp = (a if a.shape[2] == P else _own(b, P, s) for a, b, s in
+                  ((gp, g, "g"), (xp, x, "x")))
     tile = max(64, _L2_TILE_BYTES // (P * g.itemsize))
     kern = _SDDMM_KERNELS[P]
     for ip, ix, th, rg, o in jobs:
