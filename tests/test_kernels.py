@@ -404,7 +404,8 @@ def test_csr_rows_kernel_reads_sub_panels_of_a_wider_pack(dtype, P):
 def test_share_packing_backward_matches_dense(dtype, n):
     """spmm_t and sddmm inside share_packing(g) (the layer's backward: g packed once at
     sddmm's width, read by spmm_t as sub-panels) match dense math and give the same
-    bits as without sharing; an operand other than the shared one is packed as usual."""
+    bits as without sharing; an operand other than the shared one is packed as usual;
+    a nested block does not leave the outer one a stale pack."""
     rng = np.random.default_rng(n)
     w = CSR(rng, 300, 200, 0.05, dtype, empty_rows=0.1)
     t = kernels.transpose_csr(w.indptr, w.indices, w.cols)
@@ -420,8 +421,12 @@ def test_share_packing_backward_matches_dense(dtype, n):
     with kernels.share_packing(g):
         shared = run(g)
         other = run(g2)          # not the shared tensor: its own packing
-    for a, b in zip(plain, shared):
-        assert torch.equal(a, b)
+        with kernels.share_packing(g2):       # nested: reuses the shared buffer
+            for a, b in zip(run(g2), other):
+                assert torch.equal(a, b)
+        again = run(g)           # the outer block's pack is rebuilt, not stale
+    for a, b, c in zip(plain, shared, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
     wd = w.dense64()
     for gg, (dx, dw) in ((g, shared), (g2, other)):
         g64, x64 = gg.double(), x.double()

@@ -185,8 +185,9 @@ def share_packing(t: torch.Tensor, *, layout: str = "row"):
     once and reuse the packed panels (the layer's backward: spmm_t and sddmm both
     read dy). ``t`` must not be modified inside the block. No effect on other
     backends; results are unchanged."""
-    if t.device.type != "cpu" or _on_triton(t) or t.dim() != 2 or not t.numel():
-        yield
+    if (t.device.type != "cpu" or _on_triton(t) or t.dim() != 2 or not t.numel()
+            or t.dtype not in (torch.float32, torch.float64) or not t.is_contiguous()):
+        yield   # (a non-contiguous t is copied by each product: nothing to share)
         return
     a = _act(t, "t", _layout(layout))
     with _spmm.share_packing(a, _sddmm.sddmm_panel_width(a.shape[0], a.itemsize)):

@@ -176,6 +176,8 @@ def share_packing(x, P):
         yield
     finally:
         _TLS.share = prev
+        if prev is not None:
+            prev[2] = None      # a nested block reused the "shared" buffer: repack
 
 
 def packed(x, P, slot):
