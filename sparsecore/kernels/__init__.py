@@ -190,7 +190,7 @@ def share_packing(t: torch.Tensor, *, layout: str = "row"):
         yield   # (a non-contiguous t is copied by each product: nothing to share)
         return
     a = _act(t, "t", _layout(layout))
-    with _spmm.share_packing(a, _sddmm.sddmm_panel_width(a.shape[0], a.itemsize)):
+    with _spmm.share_packing(a, _spmm.panel_width(a.shape[1], a.itemsize, a.shape[0])):
         yield
 
 

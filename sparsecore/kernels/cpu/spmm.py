@@ -12,10 +12,11 @@ Performance layout (measured on the 2-core benchmark machine, see docs/benchmark
   (256-byte rows: four 512-bit vectors), 32 float32 when n <= 32; narrower panels
   were dropped because LLVM fully unrolls their 16-lane loops into scalar code.
   The packed copy lives in a per-thread workspace reused across calls
-  (:func:`workspace`: no activation-sized allocation per call). The kernel also
-  reads panels packed wider than P (a multiple of it) as P-sample sub-panels: the
-  backward packs dy once, at sddmm's width, for spmm_t and sddmm
-  (:func:`share_packing`).
+  (:func:`workspace`: no activation-sized allocation per call). The backward packs
+  dy once, at this width, for spmm_t and sddmm (:func:`share_packing`; sddmm reads
+  consecutive panels as one of its wider ones). Reading P-sample sub-panels of
+  sddmm's 128-wide panels instead was dropped: it uses half of L2's sets (1.1x-1.3x
+  slower spmm_t at 1%-10% density, 4096 features).
 * **512-bit vectors.** LLVM's tuning for AVX-512 Intel cores prefers 256-bit
   vectors; :func:`wide_vectors` asks for 512-bit ones in the parallel loop only
   (function attributes, not a process-wide setting). Indices are cast to unsigned
@@ -167,9 +168,10 @@ def _key(x):
 @contextlib.contextmanager
 def share_packing(x, P):
     """Within the block, the calling thread's products pack ``x`` (n, F) once, into
-    panels of P samples, and reuse those panels for every product on ``x`` whose own
-    panel width divides P (the backward packs dy once for spmm_t and sddmm). ``x``
-    must not change inside the block."""
+    panels of P samples, and reuse those panels for every product on ``x`` with
+    panel width P, or a multiple of P where the product reads consecutive panels as
+    one (sddmm's G): the backward packs dy once for spmm_t and sddmm. ``x`` must
+    not change inside the block."""
     prev = getattr(_TLS, "share", None)
     _TLS.share = [_key(x), P, None]
     try:
@@ -180,17 +182,21 @@ def share_packing(x, P):
             prev[2] = None      # a nested block reused the "shared" buffer: repack
 
 
-def packed(x, P, slot):
-    """Panels of x, (npan, F, PS), with PS = P, or a multiple of P when x is the
-    operand shared by :func:`share_packing`."""
+def packed(x, P, slot, narrower=False):
+    """Panels of x, (npan, F, PS): PS = P, or (``narrower``: the caller reads
+    several consecutive panels as one) a divisor of P when x is the operand shared
+    by :func:`share_packing`."""
     n, F = x.shape
     sh = getattr(_TLS, "share", None)
-    if sh is not None and sh[1] % P == 0 and sh[0] == _key(x):
+    if (sh is not None and (sh[1] == P or narrower and P % sh[1] == 0)
+            and sh[0] == _key(x)):
         if sh[2] is None:
-            PS = sh[1]
-            sh[2] = workspace("shared", (-(-n // PS), F, PS), x.dtype)
+            # zero-padded to a multiple of 512 bytes of samples per feature, so that a
+            # reader of wider panels (sddmm, 128 float32) finds all of its last one
+            PS, W = sh[1], 512 // x.itemsize
+            sh[2] = workspace("shared", (-(-n // W) * (W // PS), F, PS), x.dtype)
             pack_panels(x, sh[2])
-        return sh[2]
+        return sh[2][:-(-n // P)] if sh[1] == P else sh[2]
     xp = workspace(slot, (-(-n // P), F, P), x.dtype)
     pack_panels(x, xp)
     return xp
@@ -203,22 +209,18 @@ def _make_panel_kernel(P):
     @nb.njit(parallel=True, cache=True, fastmath={"contract"}, boundscheck=False)
     def kernel(indptr, indices, data, xp, bias, y, nchunks, T):
         nrows = indptr.shape[0] - 1
-        _, ncols, PS = xp.shape
-        S = PS // P              # panels of P samples per stored panel (of PS)
+        npan, ncols, _ = xp.shape
         n = y.shape[0]
-        npan = (n + P - 1) // P
         use_bias = bias.shape[0] > 0
         tiled = T < ncols
         rc = (nrows + nchunks - 1) // nchunks
         nb_rows = min(rc, _TILED_ROWS) if tiled else _RB
         for t in nb.prange(npan * nchunks):
             wide_vectors()
-            pl = t // nchunks
-            p = U(pl // S)
-            off = (pl % S) * P
+            p = U(t // nchunks)
             r0 = (t % nchunks) * rc
             r1 = min(r0 + rc, nrows)
-            j0 = pl * P
+            j0 = p * P
             m = min(P, n - j0)
             a0 = nb.carray(_stack_buffer(P, y.dtype), P)
             a1 = nb.carray(_stack_buffer(P, y.dtype), P)
@@ -250,14 +252,14 @@ def _make_panel_kernel(P):
                             c0 = U(indices[U(k)])
                             c1_ = U(indices[U(k + 1)])
                             for j in range(P):
-                                a0[j] += w0 * xp[p, c0, U(off + j)]
-                                a1[j] += w1 * xp[p, c1_, U(off + j)]
+                                a0[j] += w0 * xp[p, c0, j]
+                                a1[j] += w1 * xp[p, c1_, j]
                             k += 2
                         if k < e and indices[U(k)] < c1:
                             w0 = data[U(k)]
                             c0 = U(indices[U(k)])
                             for j in range(P):
-                                a0[j] += w0 * xp[p, c0, U(off + j)]
+                                a0[j] += w0 * xp[p, c0, j]
                             k += 1
                         for j in range(P):
                             acc[i, j] = a0[j] + a1[j]
