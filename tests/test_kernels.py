@@ -376,8 +376,8 @@ def test_pack_panels_matches_slices(dtype, P):
 @pytest.mark.parametrize("PG", [32, 64])
 def test_sddmm_reads_g_from_narrower_shared_panels(dtype, PG):
     """sddmm with G shared in panels narrower than its own (PG = P / 2, or P / 4 is not
-    offered: packed separately) matches dense math, for n that
-    leaves G with fewer panels than 2 x X's (the padded tail is skipped)."""
+    offered: packed separately) matches dense math and the unshared bits, for n that
+    leaves n short of a whole X panel (the shared pack is zero padded to one)."""
     from sparsecore.kernels.cpu import sddmm as cpu_sddmm
     from sparsecore.kernels.cpu import spmm as cpu_spmm
     rng = np.random.default_rng(PG)
@@ -399,7 +399,8 @@ def test_sddmm_reads_g_from_narrower_shared_panels(dtype, PG):
         if P % PG == 0 and P // PG <= 2:
             W = 512 // itemsize     # the shared pack is padded to 512 bytes of samples
             assert shared is not None and shared.shape == (-(-n // W) * (W // PG), rows, PG)
-        for v in (plain, got):   # (summed in another order: rounding differs)
+        np.testing.assert_array_equal(got, plain)    # same values, same order
+        for v in (plain, got):
             assert np.all(np.abs(v - prod.sum(0))
                           <= (2 * n + 2) * np.finfo(dtype).eps * np.abs(prod).sum(0) + 1e-300)
 
@@ -408,8 +409,8 @@ def test_sddmm_reads_g_from_narrower_shared_panels(dtype, PG):
 @pytest.mark.parametrize("n", [20, 64, 300])
 def test_share_packing_backward_matches_dense(dtype, n):
     """spmm_t and sddmm inside share_packing(g) (the layer's backward: g packed once at
-    spmm_t's width, read by sddmm as consecutive panels) match dense math (spmm_t
-    with the same bits as without sharing); an operand other than the shared one is packed as usual;
+    spmm_t's width, read by sddmm as consecutive panels) match dense math and give
+    the same bits as without sharing; an operand other than the shared one is packed as usual;
     a nested block does not leave the outer one a stale pack."""
     rng = np.random.default_rng(n)
     w = CSR(rng, 300, 200, 0.05, dtype, empty_rows=0.1)
@@ -427,13 +428,12 @@ def test_share_packing_backward_matches_dense(dtype, n):
         shared = run(g)
         other = run(g2)          # not the shared tensor: its own packing
         with kernels.share_packing(g2):       # nested: reuses the shared buffer
-            assert torch.equal(run(g2)[0], other[0])
+            for a, b in zip(run(g2), other):
+                assert torch.equal(a, b)
         again = run(g)           # the outer block's pack is rebuilt, not stale
-    # spmm_t reads the same panels: same bits; sddmm sums G's narrower panels in
-    # another order (rounding only: checked against dense math below)
-    assert torch.equal(plain[0], shared[0])
-    for b, c in zip(shared, again):
-        assert torch.equal(b, c)
+    # the same values in the same order: the same bits
+    for a, b, c in zip(plain, shared, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
     wd = w.dense64()
     for gg, (dx, dw) in ((g, shared), (g2, other)):
         g64, x64 = gg.double(), x.double()
