@@ -52,18 +52,19 @@ def _linear_backward(dy: Tensor, x2d: Tensor, values: Tensor, a_indptr: Tensor, 
     """(dx (n, in), dvalues (K_B,)); an empty tensor for a gradient not needed.
     dy and x2d are read row-major as given (no transposed copies)."""
     k = a_cols.numel()
-    if need_dx:   # contiguous (n, in), written by the kernel directly
-        dx = kernels.spmm_t(at_indptr, at_rows, at_perm, values[:k], dy, layout="row",
-                            check=False)
-    else:
-        dx = dy.new_empty(0)
-    if need_dvalues:
-        dvalues = torch.empty_like(values)
-        # A and B minus A in one call: dy and x are packed for the kernel once
-        kernels.sddmm(a_indptr, a_cols, dy, x2d, out=dvalues[:k], layout="row",
-                      more=((x_indptr, x_cols, dvalues[k:]),), check=False)
-    else:
-        dvalues = values.new_empty(0)
+    with kernels.share_packing(dy):   # dy is packed once for both products (CPU)
+        if need_dx:   # contiguous (n, in), written by the kernel directly
+            dx = kernels.spmm_t(at_indptr, at_rows, at_perm, values[:k], dy, layout="row",
+                                check=False)
+        else:
+            dx = dy.new_empty(0)
+        if need_dvalues:
+            dvalues = torch.empty_like(values)
+            # A and B minus A in one call: dy and x are packed for the kernel once
+            kernels.sddmm(a_indptr, a_cols, dy, x2d, out=dvalues[:k], layout="row",
+                          more=((x_indptr, x_cols, dvalues[k:]),), check=False)
+        else:
+            dvalues = values.new_empty(0)
     return dx, dvalues
 
 

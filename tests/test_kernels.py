@@ -352,6 +352,151 @@ def test_csr_rows_kernel_any_tile_and_panel(dtype, P, T):
         assert np.all(np.abs(yt - exact - bias) <= 40 * eps * (bound + np.abs(bias)) + 1e-300)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("P", [32, 64, 128])
+def test_pack_panels_matches_slices(dtype, P):
+    """pack_panels (16-sample groups over 256-feature blocks) against numpy slicing:
+    n not a multiple of 16 or P (zero padding), F not a multiple of 256, a transposed
+    (strided) input; the padded tail is overwritten even over stale data."""
+    from sparsecore.kernels.cpu import spmm as cpu_spmm
+    rng = np.random.default_rng(P)
+    for n, F in ((1, 3), (P - 7, 300), (P + 19, 513), (3 * P, 256)):
+        for x in (rng.standard_normal((n, F)).astype(dtype),
+                  rng.standard_normal((F, n)).astype(dtype).T):
+            npan = -(-n // P)
+            want = np.zeros((npan * P, F), dtype)
+            want[:n] = x
+            want = want.reshape(npan, P, F).transpose(0, 2, 1)
+            out = np.full((npan, F, P), np.nan, dtype)
+            cpu_spmm.pack_panels(x, out)
+            np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("PG", [32, 64])
+def test_sddmm_reads_g_from_narrower_shared_panels(dtype, PG):
+    """sddmm with G shared in panels narrower than its own (PG = P / 2, or P / 4 is not
+    offered: packed separately) matches dense math and the unshared bits, for n that
+    leaves n short of a whole X panel (the shared pack is zero padded to one)."""
+    from sparsecore.kernels.cpu import sddmm as cpu_sddmm
+    from sparsecore.kernels.cpu import spmm as cpu_spmm
+    rng = np.random.default_rng(PG)
+    rows, cols = 150, 57
+    mask = rng.random((rows, cols)) < 0.3
+    indptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int64)
+    indices = np.concatenate([np.nonzero(m)[0] for m in mask]).astype(np.int32)
+    r = np.repeat(np.arange(rows), mask.sum(1))
+    itemsize = np.dtype(dtype).itemsize
+    for n in (PG + 1, 2 * PG + 1, 3 * PG + 5, 8 * PG):
+        P = cpu_sddmm.sddmm_panel_width(n, itemsize)
+        g = rng.standard_normal((n, rows)).astype(dtype)
+        x = rng.standard_normal((n, cols)).astype(dtype)
+        prod = g[:, r].astype(np.float64) * x[:, indices]
+        plain = cpu_sddmm.sddmm(indptr, indices, g, x)
+        with cpu_spmm.share_packing(g, PG):
+            got = cpu_sddmm.sddmm(indptr, indices, g, x)
+            shared = cpu_spmm._TLS.share[2]
+        if P % PG == 0 and P // PG <= 2:
+            W = 512 // itemsize     # the shared pack is padded to 512 bytes of samples
+            assert shared is not None and shared.shape == (-(-n // W) * (W // PG), rows, PG)
+        np.testing.assert_array_equal(got, plain)    # same values, same order
+        for v in (plain, got):
+            assert np.all(np.abs(v - prod.sum(0))
+                          <= (2 * n + 2) * np.finfo(dtype).eps * np.abs(prod).sum(0) + 1e-300)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [20, 64, 300])
+def test_share_packing_backward_matches_dense(dtype, n):
+    """spmm_t and sddmm inside share_packing(g) (the layer's backward: g packed once at
+    spmm_t's width, read by sddmm as consecutive panels) match dense math and give
+    the same bits as without sharing; an operand other than the shared one is packed as usual;
+    a nested block does not leave the outer one a stale pack."""
+    rng = np.random.default_rng(n)
+    w = CSR(rng, 300, 200, 0.05, dtype, empty_rows=0.1)
+    t = kernels.transpose_csr(w.indptr, w.indices, w.cols)
+    g, x = rand(rng, (n, w.rows), dtype), rand(rng, (n, w.cols), dtype)
+    g2 = rand(rng, (n, w.rows), dtype)
+
+    def run(gg):
+        dx = kernels.spmm_t(*t, w.values, gg, layout="row")
+        dw = kernels.sddmm(w.indptr, w.indices, gg, x, layout="row")
+        return dx, dw
+
+    plain = run(g)
+    with kernels.share_packing(g):
+        shared = run(g)
+        other = run(g2)          # not the shared tensor: its own packing
+        with kernels.share_packing(g2):       # nested: reuses the shared buffer
+            for a, b in zip(run(g2), other):
+                assert torch.equal(a, b)
+        again = run(g)           # the outer block's pack is rebuilt, not stale
+    # the same values in the same order: the same bits
+    for a, b, c in zip(plain, shared, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    wd = w.dense64()
+    for gg, (dx, dw) in ((g, shared), (g2, other)):
+        g64, x64 = gg.double(), x.double()
+        assert_within(dx, g64 @ wd, g64.abs() @ wd.abs(), dtype, w.max_col_nnz(), "spmm_t")
+        r, c = w.row_of, w.indices.long()
+        assert_within(dw, (g64[:, r] * x64[:, c]).sum(0), (g64[:, r] * x64[:, c]).abs().sum(0),
+                      dtype, n + 1, "sddmm")
+
+
+def test_workspace_is_reused_bounded_and_per_thread(monkeypatch):
+    """The packing workspace: one buffer per (thread, slot), grown to the largest size
+    asked for and reused by later (smaller) calls; a buffer over the cap is not kept;
+    Python threads calling the kernels at once each get their own buffers and correct
+    results."""
+    import threading
+    from sparsecore.kernels.cpu import spmm as cpu_spmm
+    a = cpu_spmm.workspace("test", (4, 100), np.float32)
+    assert a.ctypes.data % 64 == 0 and a.shape == (4, 100) and a.dtype == np.float32
+    b = cpu_spmm.workspace("test", (3, 10), np.float64)
+    assert b.ctypes.data == a.ctypes.data          # reused
+    c = cpu_spmm.workspace("test", (1000, 100), np.float32)
+    assert cpu_spmm._TLS.bufs["test"].nbytes >= c.nbytes   # grown and kept
+    monkeypatch.setattr(cpu_spmm, "_WS_KEEP", 1000)
+    d = cpu_spmm.workspace("test", (200_000,), np.float32)     # grows past the cap
+    assert "test" not in cpu_spmm._TLS.bufs and d.shape == (200_000,)   # not kept
+    monkeypatch.undo()
+
+    rng = np.random.default_rng(3)
+    w = CSR(rng, 200, 150, 0.1, torch.float32)
+    t = kernels.transpose_csr(w.indptr, w.indices, w.cols)
+    wd = w.dense64()
+    inputs = [(rand(rng, (70 + 9 * i, w.cols), torch.float32),
+               rand(rng, (70 + 9 * i, w.rows), torch.float32)) for i in range(4)]
+    errors, ids = [], set()
+
+    def worker(x, g):
+        try:
+            for _ in range(5):
+                y = kernels.spmm(w.indptr, w.indices, w.values, x, layout="row")
+                with kernels.share_packing(g):
+                    dx = kernels.spmm_t(*t, w.values, g, layout="row")
+                    dw = kernels.sddmm(w.indptr, w.indices, g, x, layout="row")
+                assert_within(y, x.double() @ wd.t(), x.double().abs() @ wd.abs().t(),
+                              torch.float32, w.max_row_nnz(), "spmm")
+                assert_within(dx, g.double() @ wd, g.double().abs() @ wd.abs(),
+                              torch.float32, w.max_col_nnz(), "spmm_t")
+                r, c = w.row_of, w.indices.long()
+                prod = g.double()[:, r] * x.double()[:, c]
+                assert_within(dw, prod.sum(0), prod.abs().sum(0), torch.float32,
+                              x.shape[0] + 1, "sddmm")
+            ids.add(id(cpu_spmm._TLS.bufs["x"]))
+        except BaseException as e:   # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=xg) for xg in inputs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+    assert len(ids) == len(inputs)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_very_wide(dtype):
     """in >= 70000 columns (beyond int16), few rows, few entries."""

@@ -37,7 +37,7 @@ from .cpu import spmm as _spmm
 from .cpu import spmm_t as _spmm_t
 from ._validate import as_numpy, check_csr, check_dense, check_float
 
-__all__ = ["backend_name", "spmm", "spmm_t", "transpose_csr", "sddmm", "select_topk",
+__all__ = ["backend_name", "spmm", "spmm_t", "transpose_csr", "sddmm", "share_packing", "select_topk",
            "init_values", "scan"]
 
 
@@ -177,6 +177,21 @@ def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
         _spmm.spmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(values, "values"),
                    x, b, yv)
     return y
+
+
+@contextlib.contextmanager
+def share_packing(t: torch.Tensor, *, layout: str = "row"):
+    """Within the block, CPU products on the activation ``t`` (this thread) pack it
+    once and reuse the packed panels (the layer's backward: spmm_t and sddmm both
+    read dy). ``t`` must not be modified inside the block. No effect on other
+    backends; results are unchanged."""
+    if (t.device.type != "cpu" or _on_triton(t) or t.dim() != 2 or not t.numel()
+            or t.dtype not in (torch.float32, torch.float64) or not t.is_contiguous()):
+        yield   # (a non-contiguous t is copied by each product: nothing to share)
+        return
+    a = _act(t, "t", _layout(layout))
+    with _spmm.share_packing(a, _spmm.panel_width(a.shape[1], a.itemsize, a.shape[0])):
+        yield
 
 
 def transpose_csr(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int, *,

@@ -4,8 +4,10 @@ Only the stored positions are computed: the dense G^T X is never formed. The
 activations arrive as torch hands them (G (n, out), X (n, in), row-major; any strides
 work) and are packed, in one parallel pass each, into the panels the products use
 (:func:`.spmm.pack_panels`: ``gp[p, r, :]`` holds samples p*P .. p*P+P-1 of feature r,
-zero padded; P = 128 float32 / 64 float64, fewer for small n). No transposed copy of
-an activation is made.
+zero padded; P = 128 float32 / 64 float64, fewer for small n) in the calling thread's
+reused workspace; G may instead be the pack of dy shared with spmm_t, in spmm_t's
+narrower panels (:func:`.spmm.share_packing`), read as H = P / PG consecutive
+panels. No transposed copy of an activation is made.
 
 One thread owns each block of up to 1024 CSR rows, so results do not depend on the
 thread count. Within a block the panels are walked one at a time (each value adds
@@ -23,7 +25,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .spmm import U, aligned_empty, pack_panels, wide_vectors
+from .spmm import U, _stack_buffer, pack_panels, packed, wide_vectors, workspace
 
 
 _L2_TILE_BYTES = 512 * 1024   # target size of the X panel tile kept in L2 per thread
@@ -56,9 +58,13 @@ def tile_end(indices, k, e, c1):
     return k
 
 
-def _make_sddmm_kernel(P):
-    """Kernel for packed panels of exactly P samples (a compile-time constant: the
-    P-vector of ``gp[p, row]`` stays in registers while a row's values use it)."""
+def _make_sddmm_kernel(P, PG):
+    """Kernel for X packed in panels of exactly P samples and G in panels of PG (P is
+    a multiple of PG; both compile-time constants: the P-vector of G's row stays in
+    registers while a row's values use it). With PG < P, G's P-vector for X panel p
+    is the H = P / PG consecutive G panels p*H .. p*H+H-1 (the pack of dy shared
+    with spmm_t, which holds H x npan panels: see :func:`.spmm.packed`)."""
+    H = P // PG
 
     @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
     def kernel(indptr, indices, gp, xp, theta, reg, out, T, RB):
@@ -71,6 +77,7 @@ def _make_sddmm_kernel(P):
             r0 = b * RB
             r1 = min(r0 + RB, nrows)
             cur = np.empty(r1 - r0, np.int64)
+            gr = nb.carray(_stack_buffer(P, out.dtype), P)
             # one panel of P samples at a time: the block's values each add one
             # P-long dot product into out[k]; X's panel is walked in column tiles
             # of T (L2-sized) that every row of the block reuses
@@ -88,7 +95,14 @@ def _make_sddmm_kernel(P):
                         k1 = tile_end(indices, k, indptr[r + 1], c1)
                         cur[r - r0] = k1
                         ru = U(r)
-                        # four values share each load of gp[p, r]
+                        if k >= k1:
+                            continue
+                        # G's P-vector for this row (from H panels of PG)
+                        for h in range(H):
+                            gq = U(p * H + h)
+                            for j in range(PG):
+                                gr[h * PG + j] = gp[gq, ru, j]
+                        # four values share each load of G's row
                         while k + 4 <= k1:
                             ca = U(indices[U(k)])
                             cb = U(indices[U(k + 1)])
@@ -99,7 +113,7 @@ def _make_sddmm_kernel(P):
                             s2 = out.dtype.type(0)
                             s3 = out.dtype.type(0)
                             for j in range(P):
-                                gj = gp[pu, ru, j]
+                                gj = gr[j]
                                 s0 += gj * xp[pu, ca, j]
                                 s1 += gj * xp[pu, cb, j]
                                 s2 += gj * xp[pu, cc, j]
@@ -119,7 +133,7 @@ def _make_sddmm_kernel(P):
                             ca = U(indices[U(k)])
                             s0 = out.dtype.type(0)
                             for j in range(P):
-                                s0 += gp[pu, ru, j] * xp[pu, ca, j]
+                                s0 += gr[j] * xp[pu, ca, j]
                             if first:
                                 out[U(k)] = s0
                             else:
@@ -133,7 +147,8 @@ def _make_sddmm_kernel(P):
 
 
 _SDDMM_PANELS = (32, 64, 128)
-_SDDMM_KERNELS = {P: _make_sddmm_kernel(P) for P in _SDDMM_PANELS}
+_SDDMM_KERNELS = {(P, PG): _make_sddmm_kernel(P, PG)
+                  for P, PG in ((32, 32), (64, 64), (128, 128), (128, 64), (64, 32))}
 
 
 def sddmm_panel_width(n: int, itemsize: int) -> int:
@@ -144,6 +159,12 @@ def sddmm_panel_width(n: int, itemsize: int) -> int:
         if n <= P and P * itemsize >= 128:
             return P
     return 512 // itemsize
+
+
+def _own(a, P, slot):
+    ap = workspace(slot, (-(-a.shape[0] // P), a.shape[1], P), a.dtype)
+    pack_panels(a, ap)
+    return ap
 
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
@@ -172,13 +193,17 @@ def sddmm(indptr: np.ndarray, indices: np.ndarray, g: np.ndarray, x: np.ndarray,
             o[:] = rg * th if rg != 0.0 else 0.0
         return out
     P = sddmm_panel_width(n, g.itemsize)
+    # G may come in narrower panels (the pack of dy shared with spmm_t); X is packed
+    # at P (it is the operand re-read from L2)
     npan = -(-n // P)
-    gp = aligned_empty(npan * g.shape[1] * P, g.dtype).reshape((npan, g.shape[1], P))
-    pack_panels(g, gp)
-    xp = aligned_empty(npan * x.shape[1] * P, x.dtype).reshape((npan, x.shape[1], P))
-    pack_panels(x, xp)
+    gp = packed(g, P, "g", narrower=True)
+    if (P, gp.shape[2]) not in _SDDMM_KERNELS or gp.shape[0] * gp.shape[2] < npan * P:
+        gp = _own(g, P, "g")
+    xp = packed(x, P, "x")
+    if xp.shape[2] != P:
+        xp = _own(x, P, "x")
     tile = max(64, _L2_TILE_BYTES // (P * g.itemsize))
-    kern = _SDDMM_KERNELS[P]
+    kern = _SDDMM_KERNELS[(P, gp.shape[2])]
     for ip, ix, th, rg, o in jobs:
         nrows = ip.shape[0] - 1
         rb = max(16, min(_ROW_BLOCK, -(-nrows // (2 * nb.get_num_threads()))))

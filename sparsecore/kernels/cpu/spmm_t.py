@@ -52,5 +52,5 @@ def spmm_t(t_indptr: np.ndarray, t_rows: np.ndarray, t_perm: np.ndarray,
     cols = t_indptr.shape[0] - 1
     if out is None:
         out = np.empty((g.shape[0], cols), dtype=g.dtype)
-    csr_rows_kernel(t_indptr, t_rows, gather(data, t_perm), g, out)
+    csr_rows_kernel(t_indptr, t_rows, gather(data, t_perm), g, out, slot="g")
     return out
