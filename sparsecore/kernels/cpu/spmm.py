@@ -36,7 +36,11 @@ Performance layout (measured on the 2-core benchmark machine, see docs/benchmark
   in an aligned scratch block and stored into ``Y[j, r0:r0+16]`` (row-major (n, out)) as contiguous runs, with the
   bias folded into the accumulators' start value: no output transpose, no separate
   bias pass, and no per-value strided stores (rows of Y are a multiple of 4 KiB
-  apart, so those would all land in one L1 set).
+  apart, so those would all land in one L1 set). Whole 16-row x 16-sample blocks
+  are transposed in vector registers (:func:`store_transposed16`: 64 shuffles
+  instead of 256 scalar moves); at low density (~10 values per row) the scalar
+  transpose cost as much as the FMAs (measured 1.3x-1.8x faster spmm at 1%,
+  1024 -> 4096, n = 512).
 * **Tasks.** (panel, row chunk) pairs, panel-major so each thread keeps one panel
   hot; enough row chunks that 2 threads get >= 8 tasks.
 
@@ -91,6 +95,54 @@ def wide_vectors(typingctx):
         attrs = builder.function.attributes
         for a in ('"prefer-vector-width"="512"', '"min-legal-vector-width"="512"'):
             set.add(attrs, a)   # string attributes: llvmlite only validates keywords
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def store_transposed16(typingctx, src_ty, so_ty, ss_ty, dst_ty, do_ty, ds_ty):
+    """dst.flat[do + j * ds + i] = src.flat[so + i * ss + j] for i, j < 16 (offsets
+    and strides in elements of the arrays' memory, which must share one float dtype):
+    a 16 x 16 block transposed in vector registers (16 row loads, 4 x 16 two-input
+    shuffles, 16 row stores) instead of 256 scalar moves. Rows of ``src`` must be
+    64-byte aligned; no bounds checks."""
+    if not (isinstance(src_ty, types.Array) and isinstance(dst_ty, types.Array)
+            and src_ty.dtype == dst_ty.dtype):
+        return None
+    dt = src_ty.dtype
+    sig = types.none(src_ty, types.intp, types.intp, dst_ty, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        import llvmlite.ir as ir
+        src, so, ss, dst, do, ds = args
+        sarr = context.make_array(signature.args[0])(context, builder, src)
+        darr = context.make_array(signature.args[3])(context, builder, dst)
+        lty = context.get_data_type(dt)
+        vty = ir.VectorType(lty, 16)
+        i32 = ir.IntType(32)
+        sp = builder.gep(builder.bitcast(sarr.data, lty.as_pointer()), [so])
+        dp = builder.gep(builder.bitcast(darr.data, lty.as_pointer()), [do])
+        rows = []
+        for i in range(16):
+            off = builder.mul(ss, context.get_constant(types.intp, i))
+            q = builder.bitcast(builder.gep(sp, [off]), vty.as_pointer())
+            rows.append(builder.load(q, align=64))
+        for k in (1, 2, 4, 8):   # swap bit k of the row index with bit k of the column
+            out = list(rows)
+            for i in range(16):
+                if i & k:
+                    continue
+                lo = [j if not j & k else 16 + (j ^ k) for j in range(16)]
+                hi = [j ^ k if not j & k else 16 + j for j in range(16)]
+                out[i] = builder.shuffle_vector(rows[i], rows[i | k],
+                                                ir.Constant(ir.VectorType(i32, 16), [i32(m) for m in lo]))
+                out[i | k] = builder.shuffle_vector(rows[i], rows[i | k],
+                                                    ir.Constant(ir.VectorType(i32, 16), [i32(m) for m in hi]))
+            rows = out
+        for j in range(16):
+            off = builder.mul(ds, context.get_constant(types.intp, j))
+            q = builder.bitcast(builder.gep(dp, [off]), vty.as_pointer())
+            builder.store(rows[j], q, align=context.get_abi_sizeof(lty))
         return context.get_dummy_value()
     return sig, codegen
 
@@ -216,6 +268,8 @@ def _make_panel_kernel(P):
         tiled = T < ncols
         rc = (nrows + nchunks - 1) // nchunks
         nb_rows = min(rc, _TILED_ROWS) if tiled else _RB
+        ycontig = y.strides[1] == y.itemsize and y.strides[0] % y.itemsize == 0
+        ys0 = y.strides[0] // y.itemsize
         for t in nb.prange(npan * nchunks):
             wide_vectors()
             p = U(t // nchunks)
@@ -273,7 +327,13 @@ def _make_panel_kernel(P):
                 # would thrash L1 sets)
                 for s0 in range(0, rbn, _RB):
                     sn = min(_RB, rbn - s0)
-                    for j in range(m):
+                    jv = 0
+                    if sn == _RB and ycontig:   # whole 16 x 16 blocks: in registers
+                        jv = m - m % 16
+                        for jb in range(0, jv, 16):
+                            store_transposed16(acc, (s0 * P + jb), P, y,
+                                               (j0 + jb) * ys0 + rb0 + s0, ys0)
+                    for j in range(jv, m):
                         for i in range(sn):
                             y[j0 + j, rb0 + s0 + i] = acc[s0 + i, j]
 
