@@ -320,12 +320,22 @@ def test_store_transposed16_matches_numpy(dtype):
         np.testing.assert_array_equal(b, want)
 
 
+@pytest.mark.parametrize("nt", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,n", [(16, 16), (37, 40), (70, 64), (129, 100), (48, 300)])
-def test_spmm_row_layout_block_stores(dtype, rows, n, monkeypatch):
+@pytest.mark.parametrize("rows,n", [(16, 16), (37, 40), (70, 64), (129, 100), (48, 300),
+                                    (64, 130)])
+def test_spmm_row_layout_block_stores(dtype, rows, n, nt, monkeypatch):
     """Row-major spmm / spmm_t outputs of whole 16-row x 16-sample blocks (stored through
-    the in-register transpose) next to partial ones (rows or samples left over): dense
-    oracle, equal to the feature-major result bit for bit and across thread counts."""
+    the in-register transpose, non-temporally with ``nt`` where rows are 64-byte aligned)
+    next to partial ones (rows or samples left over): dense oracle, equal to the
+    feature-major result bit for bit and across thread counts."""
+    from sparsecore.kernels.cpu import spmm as cpu_spmm
+    if nt:
+        monkeypatch.setattr(cpu_spmm, "_NT_BYTES", 0)
+        y = torch.empty(n, rows, dtype=dtype).numpy()
+        assert cpu_spmm.nontemporal(y) == (rows * y.itemsize % 64 == 0)
+    else:
+        assert not cpu_spmm.nontemporal(torch.empty(n, rows, dtype=dtype).numpy())
     rng = np.random.default_rng(rows * 1000 + n)
     w = CSR(rng, rows, 53, 0.15, dtype, empty_rows=0.2)
     xt = rand(rng, (w.cols, n), dtype)
