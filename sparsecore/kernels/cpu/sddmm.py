@@ -25,7 +25,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .spmm import U, _stack_buffer, pack_panels, packed, wide_vectors, workspace
+from .spmm import _EMPTY, U, _stack_buffer, packed, wide_vectors
 
 
 _L2_TILE_BYTES = 512 * 1024   # target size of the X panel tile kept in L2 per thread
@@ -146,7 +146,6 @@ def _make_sddmm_kernel(P, PG):
     return kernel
 
 
-_SDDMM_PANELS = (32, 64, 128)
 _SDDMM_KERNELS = {(P, PG): _make_sddmm_kernel(P, PG)
                   for P, PG in ((32, 32), (64, 64), (128, 128), (128, 64), (64, 32))}
 
@@ -159,15 +158,6 @@ def sddmm_panel_width(n: int, itemsize: int) -> int:
         if n <= P and P * itemsize >= 128:
             return P
     return 512 // itemsize
-
-
-def _own(a, P, slot):
-    ap = workspace(slot, (-(-a.shape[0] // P), a.shape[1], P), a.dtype)
-    pack_panels(a, ap)
-    return ap
-
-
-_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 
 
 def sddmm(indptr: np.ndarray, indices: np.ndarray, g: np.ndarray, x: np.ndarray,
@@ -193,15 +183,12 @@ def sddmm(indptr: np.ndarray, indices: np.ndarray, g: np.ndarray, x: np.ndarray,
             o[:] = rg * th if rg != 0.0 else 0.0
         return out
     P = sddmm_panel_width(n, g.itemsize)
-    # G may come in narrower panels (the pack of dy shared with spmm_t); X is packed
-    # at P (it is the operand re-read from L2)
-    npan = -(-n // P)
+    # G may come in narrower panels (the pack of dy shared with spmm_t, padded to whole
+    # 512-byte panels: see spmm.packed); X is packed at P (the operand re-read from L2)
     gp = packed(g, P, "g", narrower=True)
-    if (P, gp.shape[2]) not in _SDDMM_KERNELS or gp.shape[0] * gp.shape[2] < npan * P:
-        gp = _own(g, P, "g")
+    if (P, gp.shape[2]) not in _SDDMM_KERNELS:   # no kernel reads that width: own pack
+        gp = packed(g, P, "g")
     xp = packed(x, P, "x")
-    if xp.shape[2] != P:
-        xp = _own(x, P, "x")
     tile = max(64, _L2_TILE_BYTES // (P * g.itemsize))
     kern = _SDDMM_KERNELS[(P, gp.shape[2])]
     for ip, ix, th, rg, o in jobs:

@@ -155,8 +155,8 @@ a 16 x 16 block transposed in vector registers (16 row loads, 4 x 16 two-input
 shuffles, 16 row stores) instead of 256 scalar moves. Rows of ``src`` must be
 64-byte aligned; no bounds checks."""
 store_transposed16_nt = intrinsic(_transposed16_typer(True))
-"""The same with non-temporal stores (no read-for-ownership of the output lines);
-rows of ``dst`` must be 64-byte aligned too."""
+store_transposed16_nt.__doc__ = """:func:`store_transposed16` with non-temporal stores (no
+read-for-ownership of the output lines); rows of ``dst`` must be 64-byte aligned too."""
 
 
 @intrinsic
