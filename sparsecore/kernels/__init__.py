@@ -37,8 +37,8 @@ from .cpu import spmm as _spmm
 from .cpu import spmm_t as _spmm_t
 from ._validate import as_numpy, check_csr, check_dense, check_float
 
-__all__ = ["backend_name", "spmm", "spmm_t", "transpose_csr", "sddmm", "share_packing", "select_topk",
-           "init_values", "scan"]
+__all__ = ["backend_name", "spmm", "spmm_t", "transpose_csr", "sddmm", "share_packing",
+           "select_topk", "init_values", "scan"]
 
 
 _FORCED: list[str] = []  # innermost use_backend() override for CPU tensors
