@@ -1,4 +1,4 @@
-"""The differentiable Top-KAST linear product, as ``torch.library`` custom ops.
+"""The differentiable Top-KAST linear product: two operators and one autograd.Function.
 
 Forward:  y = x W_A^T + b                      (spmm over the forward set A)
 Backward: dx = dy W_A                          (spmm_t over A's cached transpose)
@@ -13,10 +13,15 @@ The exploration regulariser (lambda c theta) is *not* part of this product: it
 is a term of the loss that enters the gradient once per optimizer step, added by
 an optimizer step pre-hook (see :mod:`sparsecore.layers`), never per backward.
 
-The forward and its backward are the custom ops ``sparsecore::linear`` and
-``sparsecore::linear_backward`` with fake (meta) implementations, so
-``torch.compile(model, fullgraph=True)`` traces a Top-KAST layer as one node
-without a graph break.
+The products are the operators ``sparsecore::linear`` and ``sparsecore::linear_backward``
+(``torch.library.define`` / ``impl`` for every device, with fake implementations),
+and :class:`_Linear`, a plain ``torch.autograd.Function``, connects them: its forward
+calls the first, its backward the second. ``torch.compile(model, fullgraph=True)``
+traces the Function and keeps each operator as one opaque node. The autograd
+formula is not registered on the operators themselves (``register_autograd``)
+because that wrapper costs ~0.1-0.3 ms of Python per call (it re-binds every
+argument against the schema on each forward), as much as the products of a small
+layer (docs/benchmarks.md, "Per-call overhead").
 """
 from __future__ import annotations
 
@@ -28,8 +33,14 @@ from torch import Tensor
 from . import kernels
 from .state import SparseState
 
+_STRUCTURE = ("Tensor a_indptr, Tensor a_cols, Tensor x_indptr, Tensor x_cols, "
+              "Tensor at_indptr, Tensor at_rows, Tensor at_perm")
+_LIB = torch.library.Library("sparsecore", "DEF")
+_LIB.define(f"linear(Tensor x2d, Tensor values, Tensor? bias, {_STRUCTURE}) -> Tensor")
+_LIB.define(f"linear_backward(Tensor dy, Tensor x2d, Tensor values, {_STRUCTURE}, "
+            "bool need_dx, bool need_dvalues) -> (Tensor, Tensor)")
 
-@torch.library.custom_op("sparsecore::linear", mutates_args=())
+
 def _linear(x2d: Tensor, values: Tensor, bias: Optional[Tensor], a_indptr: Tensor,
             a_cols: Tensor, x_indptr: Tensor, x_cols: Tensor, at_indptr: Tensor,
             at_rows: Tensor, at_perm: Tensor) -> Tensor:
@@ -39,12 +50,11 @@ def _linear(x2d: Tensor, values: Tensor, bias: Optional[Tensor], a_indptr: Tenso
                         layout="row", check=False)
 
 
-@_linear.register_fake
-def _(x2d, values, bias, a_indptr, a_cols, x_indptr, x_cols, at_indptr, at_rows, at_perm):
+def _linear_fake(x2d, values, bias, a_indptr, a_cols, x_indptr, x_cols, at_indptr, at_rows,
+                 at_perm):
     return x2d.new_empty(x2d.shape[0], a_indptr.shape[0] - 1)
 
 
-@torch.library.custom_op("sparsecore::linear_backward", mutates_args=())
 def _linear_backward(dy: Tensor, x2d: Tensor, values: Tensor, a_indptr: Tensor, a_cols: Tensor,
                      x_indptr: Tensor, x_cols: Tensor, at_indptr: Tensor, at_rows: Tensor,
                      at_perm: Tensor, need_dx: bool, need_dvalues: bool
@@ -68,35 +78,48 @@ def _linear_backward(dy: Tensor, x2d: Tensor, values: Tensor, a_indptr: Tensor, 
     return dx, dvalues
 
 
-@_linear_backward.register_fake
-def _(dy, x2d, values, a_indptr, a_cols, x_indptr, x_cols, at_indptr, at_rows, at_perm,
-      need_dx, need_dvalues):
+def _linear_backward_fake(dy, x2d, values, a_indptr, a_cols, x_indptr, x_cols, at_indptr,
+                          at_rows, at_perm, need_dx, need_dvalues):
     # the real dx is a contiguous (n, in) tensor
     dx = dy.new_empty(dy.shape[0], at_indptr.shape[0] - 1) if need_dx else dy.new_empty(0)
     dv = values.new_empty(values.shape) if need_dvalues else values.new_empty(0)
     return dx, dv
 
 
-def _setup_context(ctx, inputs, output):
-    x2d, values, bias = inputs[:3]
-    ctx.save_for_backward(x2d, values, *inputs[3:])
-    ctx.has_bias = bias is not None
+# One implementation for every device: the kernels pick the backend by device (the
+# single dispatch point) and raise a clear error for devices without one.
+_LIB.impl("linear", _linear, "CompositeExplicitAutograd")
+_LIB.impl("linear_backward", _linear_backward, "CompositeExplicitAutograd")
+torch.library.register_fake("sparsecore::linear", _linear_fake, lib=_LIB)
+torch.library.register_fake("sparsecore::linear_backward", _linear_backward_fake, lib=_LIB)
 
 
-def _backward(ctx, dy):
-    x2d, values, *structure = ctx.saved_tensors
-    need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dx = dvalues = dbias = None
-    if need_dx or need_dv:
-        gx, gv = _linear_backward(dy, x2d, values, *structure, need_dx, need_dv)
-        dx = gx if need_dx else None
-        dvalues = gv if need_dv else None
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        dbias = dy.sum(dim=0)
-    return (dx, dvalues, dbias) + (None,) * 7
+class _Linear(torch.autograd.Function):
+    """y = x W_A^T + b with gradients for x, the whole of ``values`` (B) and the bias."""
 
+    @staticmethod
+    def forward(x2d, values, bias, *structure):
+        return torch.ops.sparsecore.linear(x2d, values, bias, *structure)
 
-_linear.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x2d, values, bias = inputs[:3]
+        ctx.save_for_backward(x2d, values, *inputs[3:])
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, values, *structure = ctx.saved_tensors
+        need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx = dvalues = dbias = None
+        if need_dx or need_dv:
+            gx, gv = torch.ops.sparsecore.linear_backward(dy, x2d, values, *structure,
+                                                          need_dx, need_dv)
+            dx = gx if need_dx else None
+            dvalues = gv if need_dv else None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy.sum(dim=0)
+        return (dx, dvalues, dbias) + (None,) * 7
 
 
 def topkast_linear(x: Tensor, values: Tensor, state: SparseState,
@@ -104,5 +127,5 @@ def topkast_linear(x: Tensor, values: Tensor, state: SparseState,
     """Apply a Top-KAST layer to x of shape (..., in_features): y = x W_A^T + b,
     with gradients for x, the whole of ``values`` (theta on B) and the bias."""
     lead = x.shape[:-1]
-    y = _linear(x.reshape(-1, state.in_features), values, bias, *state.index_tensors())
+    y = _Linear.apply(x.reshape(-1, state.in_features), values, bias, *state.index_tensors())
     return y.reshape(*lead, state.out_features)

@@ -113,7 +113,8 @@ def _threads_for(flops: int):
 
 
 def _np(t: torch.Tensor, name: str) -> np.ndarray:
-    backend_name(t.device)
+    if t.device.type != "cpu":   # (the CPU always has a backend: skip the lookup per call)
+        backend_name(t.device)
     return as_numpy(t, name)
 
 
