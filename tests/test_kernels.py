@@ -377,6 +377,33 @@ def test_column_tiled_spmm_paths(dtype, density):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("T", [2, 5, 10_000])
+def test_csr_rows_kernel_short_rows(dtype, T):
+    """Rows of 0-13 values (the four-values-per-pass loop, its pair and single tails,
+    tile exits inside a pass), the last rows of the matrix among them, against dense
+    math."""
+    from sparsecore.kernels.cpu import spmm as cpu_spmm
+    rng = np.random.default_rng(T)
+    rows, cols = 70, 40
+    lens = np.arange(rows) % 14
+    lens[-3:] = (13, 0, 5)
+    indices = np.concatenate([np.sort(rng.choice(cols, k, replace=False)) for k in lens])
+    indices = indices.astype(np.int32)
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    data = rng.standard_normal(indices.size).astype(dtype)
+    wd = np.zeros((rows, cols))
+    wd[np.repeat(np.arange(rows), lens), indices] = data
+    for P in (32, 64):
+        for n in (3, P + 7):
+            x = rng.standard_normal((n, cols)).astype(dtype)
+            exact = x.astype(np.float64) @ wd.T
+            bound = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+            y = np.empty((n, rows), dtype)
+            cpu_spmm.csr_rows_kernel(indptr, indices, data, x, y, T=T, P=P)
+            assert np.all(np.abs(y - exact) <= 20 * np.finfo(dtype).eps * bound + 1e-300)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("P", [32, 64])
 @pytest.mark.parametrize("T", [1, 3, 7, 64, 10_000])
 def test_csr_rows_kernel_any_tile_and_panel(dtype, P, T):
