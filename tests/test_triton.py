@@ -16,6 +16,7 @@ tests/test_kernels.py); a bf16/fp16 output adds one rounding, u |exact| with u =
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -252,6 +253,30 @@ def test_non_contiguous_activations():
     y = tb.spmm(*dev(w.indptr, w.indices, w.values, xt_rows))
     assert_bound(y, w.dense @ xt_rows.double(), w.dense.abs() @ xt_rows.double().abs(),
                  w.max_row, torch.float32)
+
+
+def test_row_layout_results_are_contiguous():
+    """The dispatch point's row layout (what the layer calls) returns contiguous (n, out)
+    results on the Triton backend too, as the CPU backend does and as the layer's fake
+    implementation declares: torch.compile asserts those strides (an H200 run of a
+    compiled layer failed on the transposed view this used to return)."""
+    from sparsecore import kernels
+    w = CSR(21, 6, 8, 0.5)
+    x, g = act(22, (5, 8), torch.float32), act(23, (5, 6), torch.float32)
+    bias = act(24, (6,), torch.float32)
+    ctx = kernels.use_backend("triton") if DEVICE == "cpu" else contextlib.nullcontext()
+    with ctx:
+        ip, ix, v, tip, tr, tp, xd, gd, bd = dev(w.indptr, w.indices, w.values, w.t_indptr,
+                                                 w.t_rows, w.t_perm, x, g, bias)
+        y = kernels.spmm(ip, ix, v, xd, bias=bd, layout="row")
+        dx = kernels.spmm_t(tip, tr, tp, v, gd, layout="row")
+    assert y.shape == (5, 6) and y.is_contiguous()
+    assert dx.shape == (5, 8) and dx.is_contiguous()
+    assert_bound(y, x.double() @ w.dense.t() + bias.double(),
+                 x.double().abs() @ w.dense.abs().t() + bias.double().abs(), w.max_row,
+                 torch.float32)
+    assert_bound(dx, g.double() @ w.dense, g.double().abs() @ w.dense.abs(), w.max_col,
+                 torch.float32)
 
 
 def test_torch_csr_comparison_path():

@@ -154,9 +154,11 @@ def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
     row = _layout(layout)
     if _on_triton(xt):
         if row:
+            # contiguous (n, rows), as the CPU backend returns and the layer's fake
+            # implementation declares (torch.compile checks the strides)
             y = _triton().spmm(indptr, indices, values, xt.t().contiguous(), n_cols=n_cols,
-                               check=check).t()
-            return y if bias is None else y + bias
+                               check=check).t().contiguous()
+            return y if bias is None else y.add_(bias)
         y = _triton().spmm(indptr, indices, values, xt, n_cols=n_cols, check=check)
         return y if bias is None else y + bias[:, None]
     rows = indptr.numel() - 1
@@ -216,7 +218,7 @@ def spmm_t(t_indptr: torch.Tensor, t_rows: torch.Tensor, t_perm: torch.Tensor,
     if _on_triton(gt):
         if row:
             return _triton().spmm_t(t_indptr, t_rows, t_perm, values, gt.t().contiguous(),
-                                    check=check).t()
+                                    check=check).t().contiguous()
         return _triton().spmm_t(t_indptr, t_rows, t_perm, values, gt, check=check)
     if check:
         check_float(values, "values")
