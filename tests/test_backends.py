@@ -80,6 +80,26 @@ def test_engine_on_cuda_equals_reference():
     _train_against_reference("cuda", None)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_layer_on_cuda_equals_eager(bias):
+    """torch.compile(fullgraph=True) of a layer on the GPU gives the eager output and
+    gradients bit for bit (its fake implementation must match the real strides: the
+    first H200 run of this failed inductor's stride assertion)."""
+    torch.manual_seed(0)
+    m = sc.TopKASTLinear(64, 32, forward_sparsity=0.8, backward_sparsity=0.5, bias=bias).cuda()
+    x = torch.randn(16, 64, device="cuda", requires_grad=True)
+    outs = []
+    for f in (torch.compile(m, fullgraph=True), m):
+        m.values.grad = x.grad = None
+        y = f(x)
+        y.square().sum().backward()
+        outs.append((y.detach(), m.values.grad.clone(), x.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 IMPORT_PROBE = r"""
 import os, sys, warnings
 warnings.simplefilter("error")          # any warning at import fails the probe
