@@ -24,12 +24,24 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+import torch
 
 from .spmm import _EMPTY, U, _stack_buffer, packed, wide_vectors
 
 
 _L2_TILE_BYTES = 512 * 1024   # target size of the X panel tile kept in L2 per thread
 _ROW_BLOCK = 1024              # rows per task (reusing each X tile)
+# Dense row tiles (see :func:`sddmm`): at a density of stored values of at least
+# DENSE_DENSITY, and for products of at least DENSE_MIN_FLOPS dense flops, the sampled
+# product is computed as dense tiles G[:, rows]^T X by torch's GEMM (bounded
+# DENSE_TILE_BYTES at a time: never a weight-sized tensor) and the stored entries are
+# read out of each tile. Measured crossover (4096^2, n = 512, float32, 2 cores): the
+# panel kernel reaches 30-40 GFLOP/s of useful work, the GEMM ~180 GFLOP/s of which
+# the density is useful: tiles measured 1.56x faster at 50% density, 1.08x at 30%,
+# 0.76x at 20% (4096^2, n = 512).
+DENSE_DENSITY = 0.3
+DENSE_MIN_FLOPS = 1 << 26
+DENSE_TILE_BYTES = 16 << 20
 
 
 @nb.njit(inline="always", cache=True)
@@ -150,6 +162,33 @@ _SDDMM_KERNELS = {(P, PG): _make_sddmm_kernel(P, PG)
                   for P, PG in ((32, 32), (64, 64), (128, 128), (128, 64), (64, 32))}
 
 
+@nb.njit(parallel=True, cache=True, boundscheck=False)
+def _read_tile(tile, r0, indptr, indices, theta, reg, out):
+    """out[k] = tile[row_k - r0, col_k] (+ reg * theta[k]) for every stored entry of
+    rows r0 .. r0 + tile.shape[0] (one task per row)."""
+    use_reg = reg != 0.0
+    for i in nb.prange(tile.shape[0]):
+        r = r0 + i
+        for k in range(indptr[r], indptr[r + 1]):
+            v = tile[i, indices[k]]
+            out[k] = v + reg * theta[k] if use_reg else v
+
+
+def _dense_tiles(jobs, g, x):
+    """The sampled products of every structure in ``jobs`` from dense row tiles
+    G[:, r0:r1]^T X (torch GEMM, G and X read in place, tiles of at most
+    DENSE_TILE_BYTES reused), shared by all structures."""
+    gt, xt = torch.from_numpy(g), torch.from_numpy(x)
+    rows, cols = g.shape[1], x.shape[1]
+    rt = max(1, min(rows, DENSE_TILE_BYTES // max(1, cols * g.itemsize)))
+    buf = torch.empty(rt, cols, dtype=gt.dtype)
+    for r0 in range(0, rows, rt):
+        r1 = min(rows, r0 + rt)
+        tile = torch.mm(gt[:, r0:r1].t(), xt, out=buf[: r1 - r0]).numpy()
+        for ip, ix, th, rg, o in jobs:
+            _read_tile(tile, r0, ip, ix, th, rg, o)
+
+
 def sddmm_panel_width(n: int, itemsize: int) -> int:
     """Samples per packed panel: 512-byte panel rows (128 float32 / 64 float64; eight
     512-bit loads per value and panel, so the horizontal sum of each dot product is
@@ -181,6 +220,11 @@ def sddmm(indptr: np.ndarray, indices: np.ndarray, g: np.ndarray, x: np.ndarray,
     if n == 0:
         for _, _, th, rg, o in jobs:
             o[:] = rg * th if rg != 0.0 else 0.0
+        return out
+    nnz_all = sum(j[1].shape[0] for j in jobs)
+    dense_flops = 2 * g.shape[1] * x.shape[1] * n
+    if dense_flops >= DENSE_MIN_FLOPS and nnz_all >= DENSE_DENSITY * g.shape[1] * x.shape[1]:
+        _dense_tiles(jobs, g, x)
         return out
     P = sddmm_panel_width(n, g.itemsize)
     # G may come in narrower panels (the pack of dy shared with spmm_t, padded to whole
