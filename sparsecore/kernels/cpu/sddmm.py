@@ -17,6 +17,10 @@ block reuses them; G's panel rows stream. Four stored values of a row share each
 load of ``gp[p, row]``. Measured limit: L2 bandwidth (P * itemsize bytes of X per
 value and panel, about 2 cycles per 64-byte line on the 2-core benchmark machine).
 Column indices should ascend within each row (fastest); any order is correct.
+At high density (>= DENSE_DENSITY stored values over all structures of the call) the
+entries are instead read out of dense GEMM row tiles of G^T X (torch.mm, a reused tile
+of at most DENSE_TILE_BYTES); those sums follow torch's GEMM, whose rounding may
+depend on its thread count and operand layout.
 Sums accumulate in the activations' dtype. The Top-KAST exploration term is fused:
 ``out[k] += reg * theta[k]`` after the last panel, with one coefficient per call.
 """
