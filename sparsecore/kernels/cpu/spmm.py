@@ -224,9 +224,10 @@ def aligned_empty(size, dtype):
 # ---- packing workspace -----------------------------------------------------------
 # Packed operands are activation-sized (8 MiB for 512 x 4096 float32). Each thread
 # keeps one byte buffer per slot ("x": spmm's / sddmm's X, "g": spmm_t's / sddmm's G,
-# "shared": see share_packing) that grows to the largest size needed; a buffer over
-# _WS_KEEP bytes is used for its call only and not kept, so at most 3 x 64 MiB stay
-# alive per thread. threading.local: two Python threads never share a buffer.
+# "shared": see share_packing; "tile": sddmm's dense row tiles, <= 16 MiB) that grows
+# to the largest size needed; a buffer over _WS_KEEP bytes is used for its call only
+# and not kept, so at most 3 x 64 MiB + 16 MiB stay alive per thread.
+# threading.local: two Python threads never share a buffer.
 _WS_KEEP = 64 << 20
 _TLS = threading.local()
 
