@@ -64,19 +64,20 @@ def _unlink(paths) -> None:
 
 class ColdStore:
     """An immutable, flat-index-sorted run of (flat index, value) pairs on disk
-    (see the module docstring). ``n`` entries, values of ``dtype``, every
-    |value| <= ``max_abs``. The files are deleted when the object is collected."""
+    (see the module docstring). ``n`` entries, values of ``dtype``, every |value|
+    in [``min_abs``, ``max_abs``]. The files are deleted when the object is collected."""
 
-    __slots__ = ("prefix", "n", "dtype", "max_abs", "__weakref__")
+    __slots__ = ("prefix", "n", "dtype", "min_abs", "max_abs", "__weakref__")
 
-    def __init__(self, prefix: str | None, n: int, dtype, max_abs: float):
-        self.prefix, self.n, self.dtype, self.max_abs = prefix, int(n), np.dtype(dtype), max_abs
+    def __init__(self, prefix: str | None, n: int, dtype, min_abs: float, max_abs: float):
+        self.prefix, self.n, self.dtype = prefix, int(n), np.dtype(dtype)
+        self.min_abs, self.max_abs = min_abs, max_abs
         if prefix is not None:
             weakref.finalize(self, _unlink, (prefix + ".idx", prefix + ".val"))
 
     @classmethod
     def empty(cls, dtype) -> "ColdStore":
-        return cls(None, 0, dtype, 0.0)
+        return cls(None, 0, dtype, 0.0, 0.0)
 
     def __deepcopy__(self, memo):   # immutable and file-backed: copies share it
         return self
@@ -124,7 +125,7 @@ class Writer:
         self.dtype = np.dtype(dtype)
         self.fi = open(self.prefix + ".idx", "wb")
         self.fv = open(self.prefix + ".val", "wb")
-        self.n, self.max_abs, self.last = 0, 0.0, -1
+        self.n, self.min_abs, self.max_abs, self.last = 0, np.inf, 0.0, -1
         self._fin = weakref.finalize(self, _unlink, (self.prefix + ".idx", self.prefix + ".val"))
 
     def write(self, flat: np.ndarray, val: np.ndarray) -> None:
@@ -135,7 +136,9 @@ class Writer:
         flat.astype(np.int64, copy=False).tofile(self.fi)
         val.astype(self.dtype, copy=False).tofile(self.fv)
         self.n += flat.shape[0]
-        self.max_abs = max(self.max_abs, float(np.abs(val).max()))
+        a = np.abs(val)
+        self.min_abs = min(self.min_abs, float(a.min()))
+        self.max_abs = max(self.max_abs, float(a.max()))
         self.last = int(flat[-1])
 
     def close(self) -> ColdStore:
@@ -145,20 +148,27 @@ class Writer:
         if not self.n:
             _unlink((self.prefix + ".idx", self.prefix + ".val"))
             return ColdStore.empty(self.dtype)
-        return ColdStore(self.prefix, self.n, self.dtype, self.max_abs)
+        return ColdStore(self.prefix, self.n, self.dtype, self.min_abs, self.max_abs)
 
 
-@nb.njit(cache=True)
-def _mark_present(cands, flats, dup):
-    """dup[i] |= cands[i] in flats (both sorted ascending)."""
-    j = 0
+@nb.njit(parallel=True, cache=True)
+def _mark_present(cands, flats, dup, nparts):
+    """dup[i] |= cands[i] in flats (both sorted ascending), in ``nparts`` parallel
+    parts of ``cands``, each starting in ``flats`` by binary search."""
+    n = cands.shape[0]
     nf = flats.shape[0]
-    for i in range(cands.shape[0]):
-        c = cands[i]
-        while j < nf and flats[j] < c:
-            j += 1
-        if j < nf and flats[j] == c:
-            dup[i] = True
+    for p in nb.prange(nparts):
+        i0 = n * p // nparts
+        i1 = n * (p + 1) // nparts
+        if i0 == i1:
+            continue
+        j = np.searchsorted(flats, cands[i0])
+        for i in range(i0, i1):
+            c = cands[i]
+            while j < nf and flats[j] < c:
+                j += 1
+            if j < nf and flats[j] == c:
+                dup[i] = True
 
 
 @nb.njit(cache=True)
@@ -184,7 +194,8 @@ def replenish_pass(store: ColdStore, cands: np.ndarray, lo: float, hi: float):
         if cands.shape[0]:
             a, b = np.searchsorted(cands, [f[0], f[-1] + 1])
             if b > a:
-                _mark_present(cands[a:b], f, dup[a:b])
+                _mark_present(cands[a:b], f, dup[a:b],
+                              np.int64(max(1, min((b - a) >> 16, 8 * nb.get_num_threads()))))
         a = np.abs(v)
         sel = (a >= lo) & (a < hi)
         if sel.any():
@@ -212,7 +223,7 @@ def rewrite(store: ColdStore, below: float, spilled: ColdStore, directory: str) 
     changes."""
     if (not store.n or store.max_abs < below) and not spilled.n:
         return store
-    if not store.n:
+    if not store.n or store.min_abs >= below:    # nothing of the store stays
         return spilled
     w = Writer(directory, store.dtype)
     a_iter, b_iter = _below(store, below), _below(spilled, np.inf)

@@ -71,12 +71,11 @@ def _scan_floor(floor: float, need: int, n_total: int, spec: InitSpec) -> float:
     return min(f, np.nextafter(floor, 0.0)) if math.isfinite(floor) else f
 
 
-@nb.njit(cache=True)
+@nb.njit(parallel=True, cache=True)
 def _count_at_least(a, t):
     c = 0
-    for i in range(a.shape[0]):
-        if abs(a[i]) >= t:
-            c += 1
+    for i in nb.prange(a.shape[0]):
+        c += np.int64(abs(a[i]) >= t)
     return c
 
 
@@ -152,24 +151,15 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
     floor = state.floor
     replenished = added = unspilled = 0
     while True:
+        # the K_B-th largest pool magnitude is >= floor iff K_B pool entries reach the
+        # floor: then the pool decides exactly (the thresholds are read once, below)
         pieces = [values, r_val, c_val]
-        n_pool = sum(p.shape[0] for p in pieces)
-        if n_pool >= k_b:
-            # the thresholds the split needs, in the same read of the pool as the K_B-th
-            # largest magnitude (the floor check); recomputed if the pool grows below
-            ks = [k_b, k_a]
-            if reserve_cap is not None and n_pool - k_b > reserve_cap:
-                ks.append(k_b + reserve_target)
-            sel = _select.topk_thresholds(pieces, ks)
-            kth = _select.key_to_magnitude(sel[0][0], dtype)
-        else:
-            kth = -math.inf
-        if kth >= floor:
+        have = sum(_count_at_least(p, floor) for p in pieces) if math.isfinite(floor) else 0
+        if have >= k_b:
             break
         # the pool cannot decide exactly: lower the floor and bring in the coordinates
         # whose magnitude lies in the band [new floor, floor): theta0 from a streaming
         # scan (minus the pool and the cold store), trained values from the cold store
-        have = (sum(_count_at_least(p, floor) for p in pieces) if math.isfinite(floor) else 0)
         new_floor = float(_scan_floor(floor, k_b + reserve_target - have, n_total, spec))
         new = _init.scan(spec.key, n_total, new_floor, spec.kind, spec.param,
                          dtype=spec.dtype, ceil=floor)
@@ -190,6 +180,11 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
         replenished += 1
         added += int(m)
 
+    n_pool = sum(p.shape[0] for p in pieces)
+    ks = [k_b, k_a]
+    if reserve_cap is not None and n_pool - k_b > reserve_cap:
+        ks.append(k_b + reserve_target)
+    sel = _select.topk_thresholds(pieces, ks)
     vkeys, mask = _select._as_keys(values)
     rkeys = _select._as_keys(r_val)[0]
     ckeys = _select._as_keys(c_val)[0]
@@ -200,7 +195,6 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
     cut_b = _cut(pool_args, mask, t_b, n_b, eq_b)
     cut_a = _cut(pool_args, mask, t_a, n_a, eq_a)
 
-    n_pool = values.shape[0] + r_flat.shape[0] + c_flat.shape[0]
     n_res = n_pool - k_b
     floor_read = floor    # every cold entry at or above it was read back into the pool
     t_r = mask.dtype.type(0)          # no key is below 0: everything stays in RAM

@@ -166,6 +166,16 @@ def check_transpose(w: CSR):
     return t_indptr, t_rows, t_perm
 
 
+def test_transpose_in_parallel_row_blocks():
+    """Enough entries per column for many row blocks (each counts and writes its own
+    slice of every column), with empty rows and columns and uneven blocks."""
+    rng = np.random.default_rng(11)
+    w = CSR(rng, 203, 19, 0.6, torch.float32, empty_rows=0.3, empty_cols=0.1)
+    cols = w.cols
+    assert w.indices.numel() >= 16 * 2 * cols    # the kernel then uses 8 blocks
+    check_transpose(w)
+
+
 def check_spmm_t(w: CSR, gt):
     t = check_transpose(w)
     dx = kernels.spmm_t(*t, w.values, gt)

@@ -353,3 +353,47 @@ def test_dedupe_candidates_parallel_parts_equal_setdiff(n_cand):
     expect = np.setdiff1d(cand[cand < n], np.concatenate([fa, fx, fr]))
     m = pool.dedupe_candidates(np.int64(n_cols), a_ip, a_c, x_ip, x_c, fr, cand)
     assert np.array_equal(cand[:m], expect)
+
+
+@pytest.mark.parametrize("na, nb_", [(0, 0), (0, 5), (7, 0), (1, 1), (40_000, 3), (25_000, 31_000)])
+def test_merge_sorted_in_parallel_parts(monkeypatch, na, nb_):
+    """The parallel merge (parts of 1,000 entries: many starts found by the merge path
+    search, including runs that take a whole part from one side) equals a sort."""
+    monkeypatch.setattr(pool, "MERGE_PART", 1000)
+    rng = np.random.default_rng(na + 3 * nb_)
+    idx = rng.choice(10 * (na + nb_) + 10, size=na + nb_, replace=False).astype(np.int64)
+    if na > 30_000:   # one long run of a below all of b, then interleaved
+        idx = np.sort(idx)
+    fa, fb = np.sort(idx[:na]), np.sort(idx[na:])
+    va, vb = fa.astype(np.float32) * 0.5, fb.astype(np.float32) * -0.25
+    fo = np.empty(na + nb_, np.int64)
+    vo = np.empty(na + nb_, np.float32)
+    pool.merge_sorted(fa, va, fb, vb, fo, vo)
+    order = np.argsort(np.concatenate([fa, fb]), kind="stable")
+    np.testing.assert_array_equal(fo, np.concatenate([fa, fb])[order])
+    np.testing.assert_array_equal(vo, np.concatenate([va, vb])[order])
+
+
+def test_mark_present_in_parallel_parts():
+    rng = np.random.default_rng(5)
+    cands = np.unique(rng.integers(0, 2_000_000, 400_000)).astype(np.int64)
+    flats = np.unique(rng.integers(0, 2_000_000, 300_000)).astype(np.int64)
+    for nparts in (1, 3, 16):
+        dup = np.zeros(cands.shape[0], np.bool_)
+        spill._mark_present(cands, flats, dup, np.int64(nparts))
+        np.testing.assert_array_equal(dup, np.isin(cands, flats))
+
+
+def test_cold_store_bounds_and_rewrite_without_reading(tmp_path, monkeypatch):
+    """A store keeps the magnitude range of its values; a rewrite that keeps none of
+    them (all were read back) returns the spilled run without opening the store."""
+    st = _store(tmp_path, [2, 5, 7], [0.1, -0.5, 0.3])
+    assert st.min_abs == np.float32(0.1) and st.max_abs == np.float32(0.5)
+    spilled = _store(tmp_path, [3, 12], [0.01, -0.02])
+
+    def no_reading(*a, **k):
+        raise AssertionError("the store was read")
+    monkeypatch.setattr(spill.ColdStore, "chunks", no_reading)
+    assert spill.rewrite(st, 0.1, spilled, str(tmp_path)) is spilled
+    with pytest.raises(AssertionError, match="was read"):
+        spill.rewrite(st, 0.2, spilled, str(tmp_path))   # 0.1 stays: the store is read

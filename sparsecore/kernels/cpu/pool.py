@@ -223,20 +223,62 @@ def split_rows(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, 
 
 
 @nb.njit(cache=True)
+def _corank(k, fa, fb):
+    """How many of the first ``k`` merged entries come from ``fa`` (merge path of two
+    sorted runs with disjoint values)."""
+    lo = max(0, k - fb.shape[0])
+    hi = min(k, fa.shape[0])
+    while lo < hi:
+        i = (lo + hi) // 2
+        if fa[i] < fb[k - i - 1]:   # fa[i] precedes the last b entry taken: take more of a
+            lo = i + 1
+        else:
+            hi = i
+    return lo
+
+
+MERGE_PART = 1 << 18   # merged entries per parallel part
+
+
 def merge_sorted(fa, va, fb, vb, fo, vo):
-    """Merge two (flat, value) runs sorted by flat index with disjoint indices."""
-    i = j = k = 0
+    """Merge two (flat, value) runs sorted by flat index with disjoint indices into
+    fo/vo, in parallel parts of the output whose starts come from a binary search."""
+    n = fa.shape[0] + fb.shape[0]
+    nparts = max(1, min(-(-n // MERGE_PART), 8 * nb.get_num_threads()))
+    _merge_parts(fa, va, fb, vb, fo, vo, np.int64(nparts))
+
+
+@nb.njit(parallel=True, cache=True)
+def _merge_parts(fa, va, fb, vb, fo, vo, nparts):
     na, nb_ = fa.shape[0], fb.shape[0]
-    while i < na or j < nb_:
-        if j >= nb_ or (i < na and fa[i] < fb[j]):
+    n = na + nb_
+    for p in nb.prange(nparts):
+        k0 = n * p // nparts
+        k1 = n * (p + 1) // nparts
+        i = _corank(k0, fa, fb)
+        j = k0 - i
+        k = k0
+        while k < k1 and i < na and j < nb_:
+            # branch-free steps, as many as cannot exhaust either run
+            for _ in range(min(k1 - k, na - i, nb_ - j)):
+                a = fa[i]
+                b = fb[j]
+                take_a = a < b
+                fo[k] = a if take_a else b
+                vo[k] = va[i] if take_a else vb[j]
+                i += np.int64(take_a)
+                j += np.int64(not take_a)
+                k += 1
+        while k < k1 and i < na:
             fo[k] = fa[i]
             vo[k] = va[i]
             i += 1
-        else:
+            k += 1
+        while k < k1:
             fo[k] = fb[j]
             vo[k] = vb[j]
             j += 1
-        k += 1
+            k += 1
 
 
 @nb.njit(parallel=True, cache=True)
@@ -463,19 +505,21 @@ def _put(bits, w, col, lvl, sval, ssrc, v, pos):
 def _split_write(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_ptr, r_val,
                  rkeys, c_flat, c_ptr, c_val, ckeys, mask, t_a, cut_a, t_b, cut_b, t_r,
                  na_indptr, na_cols, nx_indptr, nx_cols, nvals, src, r_off, nr_flat, nr_val,
-                 nchunks):
-    """Write rows (in parallel, ``nchunks`` row blocks) of the new A, X, values,
-    ``src`` and reserve at the offsets from :func:`_split_counts`; entries that
-    leave RAM are skipped (see :func:`_split_spill`)."""
-    n_rows = a_indptr.shape[0] - 1
+                 key, kind, param, round32, row0, row1, out_off, sp_flat, sp_val, nsp, nchunks):
+    """Rows [row0, row1) in parallel (``nchunks`` row blocks): write the new A, X,
+    values, ``src`` and reserve at the offsets from :func:`_split_counts`, and the
+    entries that leave RAM and no longer hold theta0 (they are spilled) to
+    sp_flat/sp_val in flat-index order, each row at out_off[row] - out_off[row0]
+    (room for all its leaving entries; nsp[row] = how many were written)."""
     k_a = a_cols.shape[0]
     k_a_new = na_cols.shape[0]
     want_src = src.shape[0] > 0
     w = (n_cols + 63) >> 6
-    per = (n_rows + nchunks - 1) // nchunks
+    nchunks = max(min(row1 - row0, nchunks), 1)
+    per = (row1 - row0 + nchunks - 1) // nchunks
     for ch in nb.prange(nchunks):
-        r0 = ch * per
-        r1 = min(r0 + per, n_rows)
+        r0 = row0 + ch * per
+        r1 = min(r0 + per, row1)
         if r0 >= r1:
             continue
         sval = np.empty(n_cols, vals.dtype)
@@ -502,6 +546,8 @@ def _split_write(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat
             ia = na_indptr[row]
             ix = nx_indptr[row]
             ir = r_off[row]
+            o0 = out_off[row] - out_off[row0]
+            o = o0
             for j in range(w):
                 b = bits[j]
                 bits[j] = 0
@@ -531,63 +577,16 @@ def _split_write(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat
                     nr_flat[ir] = base + col
                     nr_val[ir] = sval[col]
                     ir += 1
+                b = bits[3 * w + j]
                 bits[3 * w + j] = 0
-
-
-@nb.njit(inline="always", cache=True)
-def _mark_leaving(k, v, f, col, t_r, key, kind, param, round32, sval, bits):
-    """Mark an entry below ``t_r`` whose value is no longer theta0 (it is spilled)."""
-    if k < t_r and v != _init._theta0(key, f, kind, param, round32):
-        sval[col] = v
-        bits[col >> 6] |= np.uint64(1) << np.uint64(col & 63)
-
-
-@nb.njit(parallel=True, cache=True)
-def _split_spill(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_ptr, r_val,
-                 rkeys, c_flat, c_ptr, c_val, ckeys, mask, t_r, key, kind, param, round32,
-                 row0, row1, out_off, sp_flat, sp_val, nsp, nchunks):
-    """Rows [row0, row1) (in parallel): the entries below ``t_r`` that no longer hold
-    theta0, in flat-index order, written to sp_flat/sp_val from out_off[row] -
-    out_off[row0] (room for all of the row's entries below ``t_r``); nsp[row] = how
-    many."""
-    k_a = a_cols.shape[0]
-    w = (n_cols + 63) >> 6
-    nchunks = max(min(row1 - row0, nchunks), 1)
-    per = (row1 - row0 + nchunks - 1) // nchunks
-    for ch in nb.prange(nchunks):
-        r0 = row0 + ch * per
-        r1 = min(r0 + per, row1)
-        if r0 >= r1:
-            continue
-        sval = np.empty(n_cols, vals.dtype)
-        bits = np.zeros(w, np.uint64)
-        for row in range(r0, r1):
-            base = np.int64(row) * n_cols
-            for p in range(a_indptr[row], a_indptr[row + 1]):
-                col = np.int64(a_cols[p])
-                _mark_leaving(vkeys[p] & mask, vals[p], base + col, col, t_r, key, kind,
-                              param, round32, sval, bits)
-            for p in range(x_indptr[row], x_indptr[row + 1]):
-                col = np.int64(x_cols[p])
-                _mark_leaving(vkeys[k_a + p] & mask, vals[k_a + p], base + col, col, t_r, key,
-                              kind, param, round32, sval, bits)
-            for p in range(r_ptr[row], r_ptr[row + 1]):
-                _mark_leaving(rkeys[p] & mask, r_val[p], r_flat[p], r_flat[p] - base, t_r, key,
-                              kind, param, round32, sval, bits)
-            for p in range(c_ptr[row], c_ptr[row + 1]):
-                _mark_leaving(ckeys[p] & mask, c_val[p], c_flat[p], c_flat[p] - base, t_r, key,
-                              kind, param, round32, sval, bits)
-            o0 = out_off[row] - out_off[row0]
-            o = o0
-            for j in range(w):
-                b = bits[j]
-                bits[j] = 0
                 while b:
                     col = (np.int64(j) << 6) + np.int64(trailing_zeros(b))
                     b &= b - np.uint64(1)
-                    sp_flat[o] = base + col
-                    sp_val[o] = sval[col]
-                    o += 1
+                    v = sval[col]
+                    if v != _init._theta0(key, base + col, kind, param, round32):
+                        sp_flat[o] = base + col
+                        sp_val[o] = v
+                        o += 1
             nsp[row] = o - o0
 
 
@@ -642,33 +641,27 @@ def split_pool(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, 
     np.cumsum(cnt[:, 1], out=nx_indptr[1:])
     r_off = np.zeros(n_rows + 1, np.int64)
     np.cumsum(cnt[:, 2], out=r_off[1:])
+    # one pass over the rows, in windows whose leaving entries fit the spill buffer
+    # (each row at room for all of them: theta0 is evaluated once); each window's
+    # spilled entries are closed up and emitted before the buffer is reused
     nchunks = np.int64(4 * nb.get_num_threads())
-    _split_write(*args, t_a, cut_a, t_b, cut_b, t_r, na_indptr, na_cols, nx_indptr, nx_cols,
-                 nvals, src, r_off, nr_flat, nr_val, nchunks)
+    out_off = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(cnt[:, 3], out=out_off[1:])
+    nsp = np.zeros(n_rows, np.int64)
     n_sp = 0
-    if n_out:
-        # rows whose entries below t_r fit the buffer are written in parallel (each at
-        # room for all its leaving entries: theta0 is evaluated once), closed up, emitted
-        out_off = np.zeros(n_rows + 1, np.int64)
-        np.cumsum(cnt[:, 3], out=out_off[1:])
-        nsp = np.zeros(n_rows, np.int64)
-        row0 = int(np.searchsorted(out_off, 1, side="left")) - 1     # first row with any
-        while row0 < n_rows:
-            row1 = int(np.searchsorted(out_off, out_off[row0] + cap, side="right")) - 1
-            row1 = max(row1, row0 + 1)
-            if out_off[row1] > out_off[row0]:
-                _split_spill(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat,
-                             r_ptr, r_val, rkeys, c_flat, c_ptr, c_val, ckeys, mask, t_r, key,
-                             kind, param, round32, np.int64(row0), np.int64(row1), out_off,
-                             sp_flat, sp_val, nsp, nchunks)
-                ns = int(_close_gaps(np.int64(row0), np.int64(row1), out_off, nsp, sp_flat,
-                                     sp_val))
-                if ns:
-                    emit(ns)
-                    n_sp += ns
-            if out_off[row1] == n_out:
-                break
-            row0 = row1
+    row0 = 0
+    while row0 < n_rows:
+        row1 = int(np.searchsorted(out_off, out_off[row0] + cap, side="right")) - 1
+        row1 = min(max(row1, row0 + 1), n_rows)
+        _split_write(*args, t_a, cut_a, t_b, cut_b, t_r, na_indptr, na_cols, nx_indptr,
+                     nx_cols, nvals, src, r_off, nr_flat, nr_val, key, kind, param, round32,
+                     np.int64(row0), np.int64(row1), out_off, sp_flat, sp_val, nsp, nchunks)
+        if out_off[row1] > out_off[row0]:
+            ns = int(_close_gaps(np.int64(row0), np.int64(row1), out_off, nsp, sp_flat, sp_val))
+            if ns:
+                emit(ns)
+                n_sp += ns
+        row0 = row1
     return int(tot[2]), n_out - n_sp
 
 
