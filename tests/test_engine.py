@@ -353,6 +353,37 @@ def test_heavy_churn_spills_and_stays_exact(reserve, tmp_path):
     assert not os.path.exists(path + ".idx")   # the files go with the last state holding them
 
 
+def test_a_replenishing_refresh_reads_the_thresholds_once(monkeypatch):
+    """The floor check is a count of pool entries at or above the floor; the K_A / K_B
+    (/ reserve) thresholds are read from the pool once, after the replenishing, and
+    the sets still equal the dense reference's."""
+    from sparsecore import topkast
+    calls = []
+    real = topkast._select.topk_thresholds
+    monkeypatch.setattr(topkast._select, "topk_thresholds",
+                        lambda pieces, ks: calls.append(list(ks)) or real(pieces, ks))
+    torch.manual_seed(5)
+    layer, ref = _pair(in_f=60, out_f=40, sf=0.9, sb=0.8, reserve=0.25)
+    opt_e = torch.optim.AdamW(layer.parameters(), lr=0.2, weight_decay=0.5)
+    opt_r = torch.optim.AdamW(ref.parameters(), lr=0.2, weight_decay=0.5)
+    replenishing = 0
+    for step in range(8):
+        x = torch.randn(8, 60, dtype=torch.float64)
+        for model, opt in ((layer, opt_e), (ref, opt_r)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+        opt_e.step()
+        ref.step(opt_r)
+        calls.clear()
+        info = layer.refresh(opt_e)
+        ref.refresh(opt_r)
+        assert len(calls) == 1 and calls[0][:2] == [layer.k_b, layer.k_a], (step, calls)
+        replenishing += info["replenished"] > 0
+        assert torch.equal(layer.backward_indices(), ref.backward_indices()), step
+        assert torch.equal(layer.active_indices(), ref.active_indices()), step
+    assert replenishing >= 2, "the test must replenish"
+
+
 def test_memory_report_counts_the_cold_store_off_ram(tmp_path):
     torch.manual_seed(0)
     model = sc.SparseModel(torch.nn.Sequential(torch.nn.Linear(60, 40)), forward_sparsity=0.9,
