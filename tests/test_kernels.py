@@ -1175,6 +1175,26 @@ def test_scan_matches_brute_force(kind, param, dtype):
                                           err_msg=f"skip, floor={floor} chunk={chunk}")
 
 
+@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scan_band_with_ceil(kind, param, dtype):
+    """A replenishing scan's band [floor, ceil): the ceil is exclusive (also when it is
+    exactly some |theta0|), over parts and chunks that start and end inside the
+    scan's blocks of 2,048 coordinates."""
+    key, n_total = 777, 70_001
+    _, vals = brute_scan(key, n_total, 0.0, kind, param, dtype)
+    mags = np.sort(np.abs(vals))[::-1]
+    for floor, ceil in [(float(mags[5000]), float(mags[100])), (float(mags[-1]), float(mags[0])),
+                        (0.0, float(mags[n_total // 2])), (float(mags[300]), float(mags[300]))]:
+        want = np.flatnonzero((np.abs(vals) >= floor) & (np.abs(vals) < ceil))
+        for chunk in (2_047, 5_000, 1 << 26):
+            got = init_mod.scan(key, n_total, floor, init_mod.KINDS[kind], param,
+                                dtype=np.float32 if dtype == torch.float32 else np.float64,
+                                chunk=chunk, ceil=ceil)
+            np.testing.assert_array_equal(got, want,
+                                          err_msg=f"[{floor}, {ceil}) chunk={chunk}")
+
+
 def test_scan_boundary_floor_is_inclusive():
     key, n_total = 4, 50_000
     for kind, param in KINDS:

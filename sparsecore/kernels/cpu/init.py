@@ -72,14 +72,34 @@ def _values_kernel(key, idx, kind, param, round32, out):
         out[k] = _theta0(key, idx[k], kind, param, round32)
 
 
+_SCAN_BLOCK = 2048   # coordinates per block of the scan's vectorised pass
+
+
+@nb.njit(inline="always", cache=True)
+def _block_flags(key, i0, nblk, kind, param, round32, floor, ceil, u1_max, flag):
+    """flag[t] for coordinate i0 + t: the exact band test (UNIFORM) or the
+    Box-Muller prefilter u1 <= u1_max (NORMAL). Branch-free, so the loop is
+    vectorised (the 64-bit hash, conversion and compares run on whole vectors)."""
+    if kind == 0:
+        for t in range(nblk):
+            a = abs(_theta0_from_hash(_hash(key, i0 + t), 0, param, round32))
+            flag[t] = (a >= floor) & (a < ceil)
+    else:
+        for t in range(nblk):
+            z = _hash(key, i0 + t)
+            flag[t] = (np.float64(z >> _S11) + 1.0) * _INV53 <= u1_max
+
+
 @nb.njit(parallel=True, cache=True)
 def _scan_kernel(key, start, stop, nparts, floor, ceil, kind, param, round32, skip, out, counts,
                  u1_max=2.0):
     """Per part p: flat indices in its slice of [start, stop) with floor <= |theta0|
     < ceil that are not in the sorted array ``skip``; at most out.shape[1] are stored,
     counts[p] gets the true number (so the caller can detect overflow).
-    For NORMAL, |theta0| <= param*sqrt(-2 ln u1), so u1 > u1_max rules a
-    coordinate out before the costly log/cos."""
+    Blocks of :data:`_SCAN_BLOCK` coordinates: a vectorised pass flags them, the
+    flagged ones are compacted without branches, then only those are checked against
+    ``skip`` (and, for NORMAL, whose prefilter |theta0| <= param*sqrt(-2 ln u1) only
+    rules coordinates out, get the exact value) and stored."""
     total = stop - start
     part_len = (total + nparts - 1) // nparts
     cap = out.shape[1]
@@ -89,13 +109,22 @@ def _scan_kernel(key, start, stop, nparts, floor, ceil, kind, param, round32, sk
         e = min(s + part_len, stop)
         c = 0
         if s < e:
+            flag = np.empty(_SCAN_BLOCK, np.bool_)
+            hit = np.empty(_SCAN_BLOCK, np.int64)
             j = np.searchsorted(skip, s)
-            for i in range(s, e):
-                z = _hash(key, i)
-                if kind == 1 and (np.float64(z >> _S11) + 1.0) * _INV53 > u1_max:
-                    continue
-                v = _theta0_from_hash(z, kind, param, round32)
-                if abs(v) >= floor and abs(v) < ceil:
+            for i0 in range(s, e, _SCAN_BLOCK):
+                nblk = min(_SCAN_BLOCK, e - i0)
+                _block_flags(key, i0, nblk, kind, param, round32, floor, ceil, u1_max, flag)
+                m = 0
+                for t in range(nblk):
+                    hit[m] = i0 + t
+                    m += np.int64(flag[t])
+                for q in range(m):
+                    i = hit[q]
+                    if kind == 1:
+                        a = abs(_theta0_from_hash(_hash(key, i), 1, param, round32))
+                        if a < floor or a >= ceil:
+                            continue
                     while j < nskip and skip[j] < i:
                         j += 1
                     if j < nskip and skip[j] == i:
