@@ -181,12 +181,26 @@ def _compact(cands, dup):
     return keep
 
 
+@nb.njit(parallel=True, cache=True)
+def _band_marks(v, lo, hi, keep):
+    """keep[i] = lo <= |v[i]| < hi; returns how many."""
+    c = 0
+    for i in nb.prange(v.shape[0]):
+        a = abs(v[i])
+        t = (a >= lo) & (a < hi)
+        keep[i] = t
+        c += np.int64(t)
+    return c
+
+
 def replenish_pass(store: ColdStore, cands: np.ndarray, lo: float, hi: float):
     """One read of the store for a replenishing scan over the magnitude band
     [lo, hi): compacts the sorted theta0 candidates ``cands`` in place, dropping
-    coordinates that are in the store (their value is not theta0), and returns
-    (number kept, flat, values) of the store's entries with lo <= |value| < hi."""
-    if not store.n or store.max_abs < lo:
+    coordinates that are in the store (their value is not theta0, whatever its
+    magnitude), and returns (number kept, flat, values) of the store's entries with
+    lo <= |value| < hi."""
+    in_band = store.n and store.max_abs >= lo and store.min_abs < hi
+    if not store.n or not (in_band or cands.shape[0]):
         return cands.shape[0], np.empty(0, np.int64), np.empty(0, store.dtype)
     dup = np.zeros(cands.shape[0], np.bool_)
     out_f, out_v = [], []
@@ -196,11 +210,11 @@ def replenish_pass(store: ColdStore, cands: np.ndarray, lo: float, hi: float):
             if b > a:
                 _mark_present(cands[a:b], f, dup[a:b],
                               np.int64(max(1, min((b - a) >> 16, 8 * nb.get_num_threads()))))
-        a = np.abs(v)
-        sel = (a >= lo) & (a < hi)
-        if sel.any():
-            out_f.append(f[sel])
-            out_v.append(v[sel])
+        if in_band:
+            sel = np.empty(v.shape[0], np.bool_)
+            if _band_marks(v, lo, hi, sel):
+                out_f.append(f[sel])
+                out_v.append(v[sel])
     m = _compact(cands, dup)
     if not out_f:
         return m, np.empty(0, np.int64), np.empty(0, store.dtype)

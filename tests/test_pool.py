@@ -397,3 +397,44 @@ def test_cold_store_bounds_and_rewrite_without_reading(tmp_path, monkeypatch):
     assert spill.rewrite(st, 0.1, spilled, str(tmp_path)) is spilled
     with pytest.raises(AssertionError, match="was read"):
         spill.rewrite(st, 0.2, spilled, str(tmp_path))   # 0.1 stays: the store is read
+
+
+def test_replenish_drops_candidates_held_by_a_cold_store_below_the_band(tmp_path):
+    """A trained coordinate spilled with a tiny value whose theta0 lies in a later
+    replenishing band: the store holds nothing in the band (its largest magnitude is
+    below it), yet the scanned candidate must still be dropped, else the pool would
+    get theta0 for a coordinate whose real value is in the store. Regression: the
+    read of the store used to be skipped whenever no stored value was in the band."""
+    import torch
+    from sparsecore import topkast
+    from sparsecore.state import SparseState, flat_to_csr
+    n_rows, n_cols, key, param = 1000, 1000, 99, 1.0
+    spec = topkast.InitSpec(key, init.UNIFORM, param, np.float32)
+    theta0 = init.init_values(key, np.arange(n_rows * n_cols), init.UNIFORM, param, np.float32)
+    floor = 0.99995
+    top = np.flatnonzero(np.abs(theta0) >= floor)        # all in the pool, trained down
+    band = np.flatnonzero((np.abs(theta0) >= floor - 4e-5) & (np.abs(theta0) < floor))
+    cold_i = int(band[np.argmax(np.abs(theta0[band]))])  # the largest theta0 below the floor
+    b, r = top[:4], top[4:]
+    b_val = np.full(4, 0.01, np.float32)
+    a_ip, a_c = flat_to_csr(b[:2], n_rows, n_cols)
+    x_ip, x_c = flat_to_csr(b[2:], n_rows, n_cols)
+    w = spill.Writer(str(tmp_path), np.float32)
+    w.write(np.array([cold_i], np.int64), np.array([1e-3], np.float32))
+    store = w.close()
+    st = SparseState(n_cols, n_rows, torch.from_numpy(a_ip), torch.from_numpy(a_c),
+                     torch.from_numpy(x_ip), torch.from_numpy(x_c), torch.from_numpy(r),
+                     torch.full((r.size,), 0.02), floor, key, cold=store)
+    res = topkast.refresh(st, b_val, k_a=2, k_b=4, reserve_target=0, spec=spec,
+                          spill_dir=str(tmp_path))
+    assert res.info["replenished"] >= 1
+    # the oracle: theta0 everywhere, B's trained values, the cold value
+    dense = theta0.astype(np.float64)
+    dense[b] = 0.01
+    dense[r] = 0.02
+    dense[cold_i] = 1e-3
+    order = np.lexsort((np.arange(dense.size), -np.abs(dense)))
+    new = res.state
+    got_b = np.sort(np.concatenate([new.a_flat(), new.x_flat()]))
+    np.testing.assert_array_equal(got_b, np.sort(order[:4]))
+    assert cold_i not in set(new.reserve_idx.tolist()) | set(got_b.tolist())
