@@ -154,21 +154,22 @@ class Writer:
 @nb.njit(parallel=True, cache=True)
 def _mark_present(cands, flats, dup, nparts):
     """dup[i] |= cands[i] in flats (both sorted ascending), in ``nparts`` parallel
-    parts of ``cands``, each starting in ``flats`` by binary search."""
+    parts of ``cands``, each starting in ``flats`` by binary search; the merge walk
+    advances without data-dependent branches."""
     n = cands.shape[0]
     nf = flats.shape[0]
     for p in nb.prange(nparts):
-        i0 = n * p // nparts
+        i = n * p // nparts
         i1 = n * (p + 1) // nparts
-        if i0 == i1:
+        if i == i1:
             continue
-        j = np.searchsorted(flats, cands[i0])
-        for i in range(i0, i1):
-            c = cands[i]
-            while j < nf and flats[j] < c:
-                j += 1
-            if j < nf and flats[j] == c:
-                dup[i] = True
+        j = np.searchsorted(flats, cands[i])
+        while i < i1 and j < nf:
+            a = cands[i]
+            b = flats[j]
+            dup[i] |= a == b
+            i += np.int64(a <= b)
+            j += np.int64(b <= a)
 
 
 @nb.njit(cache=True)
