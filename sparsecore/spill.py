@@ -223,10 +223,12 @@ def replenish_pass(store: ColdStore, cands: np.ndarray, lo: float, hi: float):
 
 
 def _below(store: ColdStore, bound: float):
-    """The store's chunks restricted to |value| < ``bound`` (empty ones skipped)."""
+    """The store's chunks restricted to |value| < ``bound`` (empty ones skipped),
+    compared in float64 like every floor test (a float32 store must not round the
+    bound: an entry just below it would count as neither below nor read back)."""
     for f, v in store.chunks():
         if store.max_abs >= bound:
-            sel = np.abs(v) < bound
+            sel = np.abs(v) < np.float64(bound)
             f, v = f[sel], v[sel]
         if f.shape[0]:
             yield f, v

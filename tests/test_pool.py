@@ -438,3 +438,17 @@ def test_replenish_drops_candidates_held_by_a_cold_store_below_the_band(tmp_path
     got_b = np.sort(np.concatenate([new.a_flat(), new.x_flat()]))
     np.testing.assert_array_equal(got_b, np.sort(order[:4]))
     assert cold_i not in set(new.reserve_idx.tolist()) | set(got_b.tolist())
+
+
+def test_read_back_and_rewrite_agree_at_a_bound_between_float32_values(tmp_path):
+    """A float32 value just below a float64 band edge: the read-back (lo <= |v|) and
+    the rewrite (|v| < lo) compare in float64 alike, so the entry is in exactly one
+    of them (a float32 comparison rounds the edge onto the value)."""
+    v = np.float32(0.3)
+    lo = float(v) + 1e-12                     # rounds to v in float32
+    st = _store(tmp_path, [4, 8], [v, 0.9])
+    cands = np.empty(0, np.int64)
+    m, f, _ = spill.replenish_pass(st, cands, lo, 1.0)
+    kept = spill.rewrite(st, lo, spill.ColdStore.empty(np.float32), str(tmp_path))
+    kf = kept.mapped()[0].tolist()
+    assert f.tolist() == [8] and kf == [4]
