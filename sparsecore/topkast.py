@@ -221,10 +221,10 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
                   spec.kind, spec.param, spec.dtype == np.float32, na_indptr, na_cols,
                   nx_indptr, nx_cols, nvals, src, nr_flat, nr_val, sp_flat, sp_val)
 
-    def emit(ns):
+    def emit(lo, hi):
         nonlocal writer
         writer = writer or _spill.Writer(directory, dtype)
-        writer.write(sp_flat[:ns], sp_val[:ns])
+        writer.write(sp_flat[lo:hi], sp_val[lo:hi])
 
     try:    # two parallel passes; the serial merge walk when a row outgrows the buffer
         n_kept, n_dropped = _pool.split_pool(*split_args, emit)
@@ -233,7 +233,7 @@ def refresh(state: SparseState, values: np.ndarray, *, k_a: int, k_b: int,
         while True:
             ns = _pool.split_rows(*split_args, cur)
             if ns:
-                emit(ns)
+                emit(0, ns)
             if cur[0] == n_rows:
                 break
         n_kept, n_dropped = int(cur[7]), int(cur[8])

@@ -268,11 +268,11 @@ def _split_both(n_rows, n_cols, pieces, k_a, k_b, keep, cap, want_src=True):
         args = (*pool_args, mask, t_a, np.int64(cut_a), t_b, np.int64(cut_b), t_r, KEY, 0, 1.0,
                 dtype == np.float32, *outs, sp_f, sp_v)
         if parallel:
-            def emit(ns):
-                assert 0 < ns <= cap
-                got_f.extend(sp_f[:ns].tolist())
-                got_v.extend(sp_v[:ns].tolist())
-                calls.append(ns)
+            def emit(lo, hi):
+                assert 0 <= lo < hi <= cap
+                got_f.extend(sp_f[lo:hi].tolist())
+                got_v.extend(sp_v[lo:hi].tolist())
+                calls.append(hi - lo)
             n_kept, dropped = pool.split_pool(*args, emit)
         else:
             cur = np.zeros(10, np.int64)

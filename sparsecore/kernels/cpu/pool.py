@@ -509,8 +509,8 @@ def _split_write(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat
     """Rows [row0, row1) in parallel (``nchunks`` row blocks): write the new A, X,
     values, ``src`` and reserve at the offsets from :func:`_split_counts`, and the
     entries that leave RAM and no longer hold theta0 (they are spilled) to
-    sp_flat/sp_val in flat-index order, each row at out_off[row] - out_off[row0]
-    (room for all its leaving entries; nsp[row] = how many were written)."""
+    sp_flat/sp_val in flat-index order, each block's from out_off[its first row] -
+    out_off[row0] on (room for all its leaving entries); nsp[block] = how many."""
     k_a = a_cols.shape[0]
     k_a_new = na_cols.shape[0]
     want_src = src.shape[0] > 0
@@ -525,6 +525,8 @@ def _split_write(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat
         sval = np.empty(n_cols, vals.dtype)
         ssrc = np.empty(n_cols, np.int64)
         bits = np.zeros(4 * w, np.uint64)
+        o0 = out_off[r0] - out_off[row0]
+        o = o0
         for row in range(r0, r1):
             base = np.int64(row) * n_cols
             for p in range(a_indptr[row], a_indptr[row + 1]):
@@ -546,8 +548,6 @@ def _split_write(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat
             ia = na_indptr[row]
             ix = nx_indptr[row]
             ir = r_off[row]
-            o0 = out_off[row] - out_off[row0]
-            o = o0
             for j in range(w):
                 b = bits[j]
                 bits[j] = 0
@@ -587,21 +587,7 @@ def _split_write(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat
                         sp_flat[o] = base + col
                         sp_val[o] = v
                         o += 1
-            nsp[row] = o - o0
-
-
-@nb.njit(cache=True)
-def _close_gaps(row0, row1, out_off, nsp, sp_flat, sp_val):
-    """Move each row's spilled entries (at out_off[row] - out_off[row0]) down to
-    follow the previous row's; returns the total."""
-    o = np.int64(0)
-    for row in range(row0, row1):
-        s = out_off[row] - out_off[row0]
-        for i in range(nsp[row]):
-            sp_flat[o + i] = sp_flat[s + i]
-            sp_val[o + i] = sp_val[s + i]
-        o += nsp[row]
-    return o
+        nsp[ch] = o - o0
 
 
 def split_pool(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_val, rkeys,
@@ -610,9 +596,10 @@ def split_pool(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, 
                sp_flat, sp_val, emit):
     """:func:`split_rows` in two parallel passes (same arguments and outputs; no
     ``cur``): the spilled entries are written to ``sp_flat``/``sp_val`` in
-    flat-index order, one buffer-full at a time, each handed to ``emit(n)`` (n =
-    entries in the buffer) before the buffer is reused. Returns (reserve entries,
-    dropped entries), i.e. ``cur[7]`` and ``cur[8]`` of :func:`split_rows`.
+    flat-index order, one buffer-full at a time, handed to ``emit(lo, hi)`` (the
+    entries sp_*[lo:hi], in order, several calls per buffer-full) before the buffer
+    is reused. Returns (reserve entries, dropped entries), i.e. ``cur[7]`` and
+    ``cur[8]`` of :func:`split_rows`.
 
     Raises :class:`SpillBufferTooSmall` (before writing anything) when one row has
     more entries leaving RAM than the spill buffer holds (the caller then uses
@@ -642,25 +629,30 @@ def split_pool(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, 
     r_off = np.zeros(n_rows + 1, np.int64)
     np.cumsum(cnt[:, 2], out=r_off[1:])
     # one pass over the rows, in windows whose leaving entries fit the spill buffer
-    # (each row at room for all of them: theta0 is evaluated once); each window's
-    # spilled entries are closed up and emitted before the buffer is reused
-    nchunks = np.int64(4 * nb.get_num_threads())
+    # (each block of rows at room for all of them: theta0 is evaluated once); each
+    # window's spilled entries are emitted, block by block in row order, before the
+    # buffer is reused
+    nchunks = 4 * nb.get_num_threads()
     out_off = np.zeros(n_rows + 1, np.int64)
     np.cumsum(cnt[:, 3], out=out_off[1:])
-    nsp = np.zeros(n_rows, np.int64)
+    nsp = np.zeros(nchunks, np.int64)
     n_sp = 0
     row0 = 0
     while row0 < n_rows:
         row1 = int(np.searchsorted(out_off, out_off[row0] + cap, side="right")) - 1
         row1 = min(max(row1, row0 + 1), n_rows)
+        nsp[:] = 0
         _split_write(*args, t_a, cut_a, t_b, cut_b, t_r, na_indptr, na_cols, nx_indptr,
                      nx_cols, nvals, src, r_off, nr_flat, nr_val, key, kind, param, round32,
-                     np.int64(row0), np.int64(row1), out_off, sp_flat, sp_val, nsp, nchunks)
-        if out_off[row1] > out_off[row0]:
-            ns = int(_close_gaps(np.int64(row0), np.int64(row1), out_off, nsp, sp_flat, sp_val))
-            if ns:
-                emit(ns)
-                n_sp += ns
+                     np.int64(row0), np.int64(row1), out_off, sp_flat, sp_val, nsp,
+                     np.int64(nchunks))
+        nch = max(min(row1 - row0, nchunks), 1)      # the kernel's row blocks
+        per = -(-(row1 - row0) // nch)
+        for ch in range(nch):
+            if nsp[ch]:
+                lo = int(out_off[min(row0 + ch * per, row1)] - out_off[row0])
+                emit(lo, lo + int(nsp[ch]))
+                n_sp += int(nsp[ch])
         row0 = row1
     return int(tot[2]), n_out - n_sp
 
