@@ -510,11 +510,13 @@ def _split_write(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat
     values, ``src`` and reserve at the offsets from :func:`_split_counts`, and the
     entries that leave RAM and no longer hold theta0 (they are spilled) to
     sp_flat/sp_val in flat-index order, each block's from out_off[its first row] -
-    out_off[row0] on (room for all its leaving entries); nsp[block] = how many."""
+    out_off[row0] on (room for all its leaving entries); nsp[block] = (where they
+    start, how many), (0, 0) for an empty block."""
     k_a = a_cols.shape[0]
     k_a_new = na_cols.shape[0]
     want_src = src.shape[0] > 0
     w = (n_cols + 63) >> 6
+    nsp[:] = 0
     nchunks = max(min(row1 - row0, nchunks), 1)
     per = (row1 - row0 + nchunks - 1) // nchunks
     for ch in nb.prange(nchunks):
@@ -587,7 +589,8 @@ def _split_write(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat
                         sp_flat[o] = base + col
                         sp_val[o] = v
                         o += 1
-        nsp[ch] = o - o0
+        nsp[ch, 0] = o0
+        nsp[ch, 1] = o - o0
 
 
 def split_pool(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, r_val, rkeys,
@@ -635,24 +638,20 @@ def split_pool(n_cols, a_indptr, a_cols, x_indptr, x_cols, vals, vkeys, r_flat, 
     nchunks = 4 * nb.get_num_threads()
     out_off = np.zeros(n_rows + 1, np.int64)
     np.cumsum(cnt[:, 3], out=out_off[1:])
-    nsp = np.zeros(nchunks, np.int64)
+    nsp = np.zeros((nchunks, 2), np.int64)
     n_sp = 0
     row0 = 0
     while row0 < n_rows:
         row1 = int(np.searchsorted(out_off, out_off[row0] + cap, side="right")) - 1
         row1 = min(max(row1, row0 + 1), n_rows)
-        nsp[:] = 0
         _split_write(*args, t_a, cut_a, t_b, cut_b, t_r, na_indptr, na_cols, nx_indptr,
                      nx_cols, nvals, src, r_off, nr_flat, nr_val, key, kind, param, round32,
                      np.int64(row0), np.int64(row1), out_off, sp_flat, sp_val, nsp,
                      np.int64(nchunks))
-        nch = max(min(row1 - row0, nchunks), 1)      # the kernel's row blocks
-        per = -(-(row1 - row0) // nch)
-        for ch in range(nch):
-            if nsp[ch]:
-                lo = int(out_off[min(row0 + ch * per, row1)] - out_off[row0])
-                emit(lo, lo + int(nsp[ch]))
-                n_sp += int(nsp[ch])
+        for lo, ns in nsp.tolist():     # the row blocks' spilled entries, in order
+            if ns:
+                emit(lo, lo + ns)
+                n_sp += ns
         row0 = row1
     return int(tot[2]), n_out - n_sp
 
