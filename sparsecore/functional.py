@@ -95,17 +95,21 @@ torch.library.register_fake("sparsecore::linear_backward", _linear_backward_fake
 
 
 class _Linear(torch.autograd.Function):
-    """y = x W_A^T + b with gradients for x, the whole of ``values`` (B) and the bias."""
+    """y = x W_A^T + b with gradients for x, the whole of ``values`` (B) and the bias.
+
+    ``forward`` takes ``ctx`` itself rather than defining ``setup_context``: for a
+    Function with ``setup_context``, every ``apply`` binds its arguments against
+    ``inspect.signature(forward)`` (torch 2.13), ~70-100 us per call for these ten
+    arguments, as much as the product of a small layer (docs/benchmarks.md,
+    "Per-call overhead"). What that style would add, functorch transforms (vmap,
+    grad) over the layer, the sparse operators could not serve anyway: they have
+    no batching rules."""
 
     @staticmethod
-    def forward(x2d, values, bias, *structure):
-        return torch.ops.sparsecore.linear(x2d, values, bias, *structure)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x2d, values, bias = inputs[:3]
-        ctx.save_for_backward(x2d, values, *inputs[3:])
+    def forward(ctx, x2d, values, bias, *structure):
+        ctx.save_for_backward(x2d, values, *structure)
         ctx.has_bias = bias is not None
+        return torch.ops.sparsecore.linear(x2d, values, bias, *structure)
 
     @staticmethod
     def backward(ctx, dy):

@@ -451,12 +451,16 @@ def test_csr_rows_kernel_any_tile_and_panel(dtype, P, T):
 def test_pack_panels_matches_slices(dtype, P):
     """pack_panels (16-sample groups over 256-feature blocks) against numpy slicing:
     n not a multiple of 16 or P (zero padding), F not a multiple of 256, a transposed
-    (strided) input; the padded tail is overwritten even over stale data."""
+    (strided) input, row-major views whose rows start off a 64-byte boundary (the
+    16 x 16 register transposes read unaligned rows) or lie further apart than F;
+    the padded tail is overwritten even over stale data."""
     from sparsecore.kernels.cpu import spmm as cpu_spmm
     rng = np.random.default_rng(P)
-    for n, F in ((1, 3), (P - 7, 300), (P + 19, 513), (3 * P, 256)):
+    for n, F in ((1, 3), (P - 7, 300), (P + 19, 513), (3 * P, 256), (2 * P + 16, 48)):
         for x in (rng.standard_normal((n, F)).astype(dtype),
-                  rng.standard_normal((F, n)).astype(dtype).T):
+                  rng.standard_normal((F, n)).astype(dtype).T,
+                  rng.standard_normal(n * F + 3).astype(dtype)[3:].reshape(n, F),
+                  rng.standard_normal((n, F + 21)).astype(dtype)[:, 5:5 + F]):
             npan = -(-n // P)
             want = np.zeros((npan * P, F), dtype)
             want[:n] = x

@@ -85,6 +85,8 @@ def backend_name(device: torch.device | str = "cpu") -> str:
 
 
 def _on_triton(t: torch.Tensor) -> bool:
+    if t.is_cpu and not _FORCED:   # the common case, without building a device object
+        return False
     return backend_name(t.device) == "triton"
 
 
@@ -99,21 +101,20 @@ def value_dtypes(device: torch.device | str = "cpu") -> tuple:
 SERIAL_FLOPS = 1 << 20
 
 
-@contextlib.contextmanager
-def _threads_for(flops: int):
+def _run(flops: int, kernel, *args):
+    """kernel(*args), on the calling thread only when the product is that small."""
     if flops >= SERIAL_FLOPS:
-        yield
-        return
+        return kernel(*args)
     prev = nb.get_num_threads()
     nb.set_num_threads(1)
     try:
-        yield
+        return kernel(*args)
     finally:
         nb.set_num_threads(prev)
 
 
 def _np(t: torch.Tensor, name: str) -> np.ndarray:
-    if t.device.type != "cpu":   # (the CPU always has a backend: skip the lookup per call)
+    if not t.is_cpu:   # (the CPU always has a backend: skip the lookup per call)
         backend_name(t.device)
     return as_numpy(t, name)
 
@@ -176,9 +177,8 @@ def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
     x = _act(xt, "xt", row)
     y, yv = _out(x.shape[0], rows, x.dtype, row)
     b = None if bias is None else _np(bias, "bias")
-    with _threads_for(2 * indices.numel() * x.shape[0]):
-        _spmm.spmm(_np(indptr, "indptr"), _np(indices, "indices"), _np(values, "values"),
-                   x, b, yv)
+    _run(2 * indices.numel() * x.shape[0], _spmm.spmm, _np(indptr, "indptr"),
+         _np(indices, "indices"), _np(values, "values"), x, b, yv)
     return y
 
 
@@ -230,9 +230,8 @@ def spmm_t(t_indptr: torch.Tensor, t_rows: torch.Tensor, t_perm: torch.Tensor,
             raise IndexError(f"t_perm points outside values (length {values.numel()})")
     g = _act(gt, "gt", row)
     d, dv = _out(g.shape[0], t_indptr.numel() - 1, g.dtype, row)
-    with _threads_for(2 * t_rows.numel() * g.shape[0]):
-        _spmm_t.spmm_t(_np(t_indptr, "t_indptr"), _np(t_rows, "t_rows"),
-                       _np(t_perm, "t_perm"), _np(values, "values"), g, dv)
+    _run(2 * t_rows.numel() * g.shape[0], _spmm_t.spmm_t, _np(t_indptr, "t_indptr"),
+         _np(t_rows, "t_rows"), _np(t_perm, "t_perm"), _np(values, "values"), g, dv)
     return d
 
 
@@ -285,9 +284,8 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: tor
     g, x = _act(gt, "gt", row), _act(xt, "xt", row)
     extra = [(_np(ip, "indptr"), _np(ix, "indices"), _np(oo, "out")) for ip, ix, oo in more]
     nnz = indices.numel() + sum(ix.numel() for _, ix, _ in more)
-    with _threads_for(2 * nnz * g.shape[0]):
-        r = _sddmm.sddmm(_np(indptr, "indptr"), _np(indices, "indices"), g, x, th, reg, o,
-                         extra)
+    r = _run(2 * nnz * g.shape[0], _sddmm.sddmm, _np(indptr, "indptr"),
+             _np(indices, "indices"), g, x, th, reg, o, extra)
     return out if out is not None else torch.from_numpy(r)
 
 

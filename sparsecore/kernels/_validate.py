@@ -15,7 +15,7 @@ def as_numpy(t: torch.Tensor, name: str) -> np.ndarray:
     """Zero-copy numpy view of a CPU tensor (made contiguous first if needed)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"{name} is on {t.device}; the CPU backend needs CPU tensors")
     if t.requires_grad:
         t = t.detach()
