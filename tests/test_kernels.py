@@ -1179,26 +1179,6 @@ def test_scan_matches_brute_force(kind, param, dtype):
                                           err_msg=f"skip, floor={floor} chunk={chunk}")
 
 
-@pytest.mark.parametrize("kind,param", KINDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_scan_band_with_ceil(kind, param, dtype):
-    """A replenishing scan's band [floor, ceil): the ceil is exclusive (also when it is
-    exactly some |theta0|), over parts and chunks that start and end inside the
-    scan's blocks of 2,048 coordinates."""
-    key, n_total = 777, 70_001
-    _, vals = brute_scan(key, n_total, 0.0, kind, param, dtype)
-    mags = np.sort(np.abs(vals))[::-1]
-    for floor, ceil in [(float(mags[5000]), float(mags[100])), (float(mags[-1]), float(mags[0])),
-                        (0.0, float(mags[n_total // 2])), (float(mags[300]), float(mags[300]))]:
-        want = np.flatnonzero((np.abs(vals) >= floor) & (np.abs(vals) < ceil))
-        for chunk in (2_047, 5_000, 1 << 26):
-            got = init_mod.scan(key, n_total, floor, init_mod.KINDS[kind], param,
-                                dtype=np.float32 if dtype == torch.float32 else np.float64,
-                                chunk=chunk, ceil=ceil)
-            np.testing.assert_array_equal(got, want,
-                                          err_msg=f"[{floor}, {ceil}) chunk={chunk}")
-
-
 def test_scan_boundary_floor_is_inclusive():
     key, n_total = 4, 50_000
     for kind, param in KINDS:
@@ -1282,6 +1262,123 @@ def test_scan_rejects_non_positive_chunk(bad_chunk):
     """chunk=-1 today makes range(0, n_total, -1) empty: scan silently returns no indices."""
     with pytest.raises(ValueError):
         kernels.scan(1, 100, 0.0, param=1.0, chunk=bad_chunk)
+
+
+def _band_ref(key, n_total, floor, ceil, kind, param, dtype, skip=None):
+    """brute_scan with an upper end: |theta0| in [floor, ceil), minus skip."""
+    ref, vals = brute_scan(key, n_total, floor, kind, param, dtype, skip)
+    return ref[np.abs(vals[ref]) < ceil], vals
+
+
+def _scan_np(key, n_total, floor, kind, param, dtype, **kw):
+    nd = np.float32 if dtype == torch.float32 else np.float64
+    return init_mod.scan(key, n_total, floor, init_mod.KINDS[kind], param, dtype=nd, **kw)
+
+
+@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scan_band_with_ceil(kind, param, dtype):
+    """floor <= |theta0| < ceil (the replenishing scan's band), with both ends exactly at
+    values the data takes and one float step either side of them: the kernel's integer tests
+    (UNIFORM: an exact interval of the hash; NORMAL: conservative bins plus exact checks)
+    must reproduce the float comparisons at the boundary. The ceil is exclusive also when it
+    is exactly some |theta0| (an empty band when floor == ceil), over parts and chunks that
+    start and end inside the scan's blocks of init_mod._BLOCK coordinates."""
+    key, n_total = 77, 60_013
+    _, vals = brute_scan(key, n_total, 0.0, kind, param, dtype)
+    mags = np.sort(np.abs(vals))
+    lo_v, hi_v = float(mags[n_total // 5]), float(mags[n_total // 2])
+    bands = [(0.0, hi_v), (lo_v, hi_v), (hi_v, hi_v), (0.0, float(mags[3])),
+             (float(mags[-40]), math.inf), (0.0, math.inf), (float(mags[0]), float(mags[-1])),
+             (float(mags[-5000]), float(mags[-100]))]
+    for f in (lo_v, float(mags[-7])):
+        for c in (hi_v, float(mags[-2])):
+            if c > f:
+                bands += [(np.nextafter(f, -math.inf), c), (np.nextafter(f, math.inf), c),
+                          (f, np.nextafter(c, -math.inf)), (f, np.nextafter(c, math.inf))]
+    skip = np.sort(np.random.default_rng(3).choice(n_total, 700, replace=False))
+    for floor, ceil in bands:
+        floor, ceil = float(floor), float(ceil)
+        ref, _ = _band_ref(key, n_total, floor, ceil, kind, param, dtype)
+        for nparts, chunk in [(None, 1 << 26), (3, 10_007), (1, 4_097), (None, 2_047),
+                              (2, 5_000)]:
+            got = _scan_np(key, n_total, floor, kind, param, dtype, ceil=ceil, nparts=nparts,
+                           chunk=chunk)
+            np.testing.assert_array_equal(got, ref, err_msg=f"[{floor}, {ceil}) {nparts} {chunk}")
+        got = _scan_np(key, n_total, floor, kind, param, dtype, ceil=ceil, skip=skip)
+        np.testing.assert_array_equal(got, np.setdiff1d(ref, skip), err_msg=f"[{floor}, {ceil})")
+
+
+@pytest.mark.parametrize("kind,param", KINDS)
+def test_scan_block_boundaries(kind, param):
+    """Parts that start mid-block and blocks cut short (lengths not multiples of the block or
+    of 64), at low, medium, high and full hit density, with a sparse skip (some blocks hold
+    skip entries, most not) and a dense one."""
+    blk = init_mod._BLOCK
+    key = 5
+    for n_total in (blk * 3 + 1, blk * 2 - 1, 64 * 7 + 63, 1):
+        _, vals = brute_scan(key, n_total, 0.0, kind, param, torch.float32)
+        mags = np.sort(np.abs(vals))[::-1]
+        floors = {0.0, float(mags[min(n_total - 1, n_total // 100)]),
+                  float(mags[n_total // 5]), float(mags[(n_total * 7) // 10])}
+        rng = np.random.default_rng(n_total)
+        for floor in sorted(floors):
+            ref, _ = brute_scan(key, n_total, floor, kind, param, torch.float32)
+            sparse = np.sort(rng.choice(n_total, min(n_total, 5), replace=False))
+            dense = np.sort(rng.choice(n_total, n_total // 3, replace=False))
+            for nparts, chunk in [(1, blk), (3, 1 << 26), (7, blk + 65), (5, 2 * blk - 3),
+                                  (2, 64)]:
+                for sk in (None, sparse, dense):
+                    got = _scan_np(key, n_total, floor, kind, param, torch.float32,
+                                   nparts=nparts, chunk=chunk, skip=sk)
+                    want = ref if sk is None else np.setdiff1d(ref, sk)
+                    np.testing.assert_array_equal(
+                        got, want, err_msg=f"n={n_total} floor={floor} {nparts} {chunk}")
+
+
+@pytest.mark.parametrize("param", [0.05, 3.0, 2e-30, 5e-31, 1e36, 2e37])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scan_normal_bins_sound(param, dtype):
+    """NORMAL: every coordinate the bins call a sure hit is a hit, every coordinate they rule
+    out is not (checked against theta0 itself on 400k indices), and the scan equals the brute
+    force, at ordinary scales and at the ends of the range where the bins' error margins
+    hold (outside it, 5e-31 and 2e37, everything is checked exactly)."""
+    key, n_total = 424242, 400_000
+    _, vals = brute_scan(key, n_total, 0.0, "normal", param, dtype)
+    u = (_hashes(np.uint64(key), 1000) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    np.testing.assert_array_equal(2.0 * u - 1.0, iv(key, np.arange(1000), "uniform", 1.0))
+    mags = np.sort(np.abs(vals))[::-1]
+    for floor, ceil in [(float(mags[80_000]), math.inf), (float(mags[90_000]), float(mags[9])),
+                        (0.0, float(mags[300_000])), (float(mags[-5]), float(mags[-100])),
+                        (1.2816 * param, 1.5 * param)]:
+        bins = init_mod._normal_bins(floor, ceil, param)
+        z = _hashes(np.uint64(key), n_total)
+        m = z >> np.uint64(11)
+        row = bins[(_mix_np(z ^ init_mod._STREAM2) >> np.uint64(64 - init_mod._NBITS))
+                   .astype(np.int64)]
+        poss = (m >= row[:, 0]) & (m <= row[:, 1])
+        sure = (m >= row[:, 2]) & (m <= row[:, 3])
+        v = np.abs(vals)
+        hit = (v >= floor) & (v < ceil)
+        assert not np.any(sure & ~hit), (floor, ceil)
+        assert not np.any(hit & ~poss), (floor, ceil)
+        ref, _ = _band_ref(key, n_total, floor, ceil, "normal", param, dtype)
+        got = _scan_np(key, n_total, floor, "normal", param, dtype, ceil=ceil, chunk=65_537)
+        np.testing.assert_array_equal(got, ref, err_msg=f"[{floor}, {ceil})")
+        if 1e-30 <= param <= 1e37:
+            assert np.mean(poss & ~sure) < 0.02   # the bins decide almost everything
+
+
+def _mix_np(z):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _hashes(key, n):
+    with np.errstate(over="ignore"):
+        return _mix_np(key + (np.arange(n, dtype=np.uint64) + np.uint64(1))
+                       * np.uint64(0x9E3779B97F4A7C15))
 
 
 def test_scan_three_billion():

@@ -64,10 +64,12 @@ def _run_python(code: str, *args: str, timeout: float = 600) -> dict:
 # 100_000 x 100_000 = 1e10 coordinates: dense float32 theta = 40 GB (37 GiB), well
 # above this machine's 24 GiB of RAM, so a dense weight, gradient, mask or Adam
 # state simply could not exist. The issue suggested 300_000 x 300_000 (9e10
-# coordinates); measured here, one streaming scan of 1e10 coordinates takes
-# 10-27 s on the shared 2-core machine (~1-2.7 ns per coordinate), so 9e10 would
-# cost 1.5-4 min per scan and two scans (construction + replenish) 3-8 min: far
-# over the budget. 1e10 with two scans keeps the test at ~25-60 s.
+# coordinates); measured here, the construction (one streaming scan of 1e10
+# coordinates) takes 5.3-5.5 s on the shared 2-core machine with the CPU free
+# (~0.5 ns per coordinate; 9.4-12 s with the previous scan kernel), so 9e10 would
+# cost ~50 s per scan and two scans (construction + replenish) ~2 min, several times
+# more under load: too long for a test of the default run. 1e10 with two scans keeps
+# the test at ~15 s (more when other processes compete for the cores).
 HUGE_IN = HUGE_OUT = 100_000
 HUGE_SF, HUGE_SB = 0.99999, 0.99998   # K_A = 1e5, K_B = 2e5
 
