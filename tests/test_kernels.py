@@ -1282,7 +1282,7 @@ def test_scan_band_with_ceil(kind, param, dtype):
     values the data takes and one float step either side of them: the kernel's integer tests
     (UNIFORM: an exact interval of the hash; NORMAL: conservative bins plus exact checks)
     must reproduce the float comparisons at the boundary. The ceil is exclusive also when it
-    is exactly some |theta0| (an empty band when floor == ceil), over parts and chunks that
+    is exactly some |theta0| (an empty band when floor >= ceil), over parts and chunks that
     start and end inside the scan's blocks of init_mod._BLOCK coordinates."""
     key, n_total = 77, 60_013
     _, vals = brute_scan(key, n_total, 0.0, kind, param, dtype)
@@ -1290,7 +1290,7 @@ def test_scan_band_with_ceil(kind, param, dtype):
     lo_v, hi_v = float(mags[n_total // 5]), float(mags[n_total // 2])
     bands = [(0.0, hi_v), (lo_v, hi_v), (hi_v, hi_v), (0.0, float(mags[3])),
              (float(mags[-40]), math.inf), (0.0, math.inf), (float(mags[0]), float(mags[-1])),
-             (float(mags[-5000]), float(mags[-100]))]
+             (float(mags[-5000]), float(mags[-100])), (hi_v, lo_v)]   # last: inverted, empty
     for f in (lo_v, float(mags[-7])):
         for c in (hi_v, float(mags[-2])):
             if c > f:

@@ -462,8 +462,8 @@ def scan(key: int, n_total: int, floor: float, kind: int, param: float, *,
         nparts = 4 * nb.get_num_threads()
     k = key_to_uint64(key)
     round32 = np.dtype(dtype) == np.float32
-    p_hit = (magnitude_cdf(ceil, kind, param) if math.isfinite(ceil) else 1.0) \
-        - magnitude_cdf(floor, kind, param)
+    p_hit = max((magnitude_cdf(ceil, kind, param) if math.isfinite(ceil) else 1.0)
+                - magnitude_cdf(floor, kind, param), 0.0)   # (an empty band: ceil <= floor)
     # the band as integer tests on the hash (exact for UNIFORM, conservative for NORMAL)
     if kind == UNIFORM:
         lo, hi = _uniform_d_bounds(float(floor), float(ceil), float(param), round32)
@@ -475,7 +475,7 @@ def scan(key: int, n_total: int, floor: float, kind: int, param: float, *,
     # One result array sized from the expected hit count (grown by 1/4 in the rare
     # case it overflows), so the peak is the result plus one chunk's buffer, not
     # a list of pieces plus their concatenation.
-    expect = n_total * max(p_hit, 0.0)
+    expect = n_total * p_hit
     res = np.empty(int(expect * 1.002 + 6 * math.sqrt(expect) + 1024), np.int64)
     m = 0
     for start in range(0, n_total, chunk):
