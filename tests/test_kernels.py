@@ -468,6 +468,9 @@ def test_pack_panels_matches_slices(dtype, P):
             out = np.full((npan, F, P), np.nan, dtype)
             cpu_spmm.pack_panels(x, out)
             np.testing.assert_array_equal(out, want)
+            wide = np.full((npan, F, P + 16), np.nan, dtype)   # a strided ``out`` too
+            cpu_spmm.pack_panels(x, wide[:, :, :P])
+            np.testing.assert_array_equal(wide[:, :, :P], want)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

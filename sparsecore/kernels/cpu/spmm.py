@@ -199,7 +199,9 @@ def pack_panels(x, out):
     FB = 256
     nfb = (F + FB - 1) // FB
     isz = x.itemsize
-    vec = x.strides[1] == isz and x.strides[0] % isz == 0
+    vec = (x.strides[1] == isz and x.strides[0] % isz == 0   # (out: offsets as contiguous)
+           and out.strides[2] == isz and out.strides[1] == P * isz
+           and out.strides[0] == F * P * isz)
     xs0 = x.strides[0] // isz
     for t in nb.prange(npan * nfb):
         wide_vectors()
