@@ -19,6 +19,7 @@ import math
 import numba as nb
 import numpy as np
 from numba import types
+from numba.cpython.unsafe.numbers import trailing_zeros   # tzcnt; the bit width for 0
 from numba.extending import intrinsic
 
 from .spmm import wide_vectors
@@ -117,18 +118,6 @@ def _popcount(typingctx, x):
 
     def codegen(context, builder, signature, args):
         return builder.ctpop(args[0])
-    return x(x), codegen
-
-
-@intrinsic
-def _ctz(typingctx, x):
-    """Number of trailing zero bits (tzcnt); the bit width for 0."""
-    if not isinstance(x, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        import llvmlite.ir as ir
-        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
     return x(x), codegen
 
 
@@ -232,10 +221,10 @@ def _emit(masks, n, b0, cnt, dst, pos):
         base = b0 + (q << 6)
         pc = np.int64(_popcount(w))
         for r in range(u):
-            dst[c + r] = base + np.int64(_ctz(w))
+            dst[c + r] = base + np.int64(trailing_zeros(w))
             w &= w - _ONE
         for r in range(u, pc):
-            dst[c + r] = base + np.int64(_ctz(w))
+            dst[c + r] = base + np.int64(trailing_zeros(w))
             w &= w - _ONE
         c += pc
 
