@@ -491,12 +491,13 @@ def step(m, o):
     o.step()
     o.zero_grad(set_to_none=False)
 
-# warm-up on a smaller model that takes the same code paths (parallel products, the
-# sampled top-K route for >= 131072 keys): every kernel is compiled or loaded from
-# Numba's cache before the baseline (a first compile in the measured phase, as on a
-# fresh clone, costs ~65 MiB of RSS)
+# warm-up on the measured shape itself, so every kernel that the measured phases run is
+# compiled or loaded from Numba's cache before the baseline: a smaller model missed the
+# dense-tile sddmm (>= 2^26 dense flops) and the tie path of the top-K select (ties
+# among 9 M keys happen by chance), and a first compile in a measured phase, as on a
+# fresh clone, costs ~65 MiB of RSS
 N = 3000
-m, o = build(1024); step(m, o); sc.save(m, sys.argv[1], optimizer=o); sc.load(sys.argv[1], m, o)
+m, o = build(N); step(m, o); sc.save(m, sys.argv[1], optimizer=o); sc.load(sys.argv[1], m, o)
 del m, o; gc.collect()
 import ctypes
 ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -505,6 +506,9 @@ m, o = build(N); step(m, o)
 steady = sum(m.memory_report(o)[k] for k in ("values", "gradients", "optimizer_state",
                                              "indices", "reserve", "dense_parameters",
                                              "dense_gradients"))
+# the memory held, not what the allocator keeps cached from the build's temporaries
+# (freed chunks in the worker threads' arenas: up to ~150 MiB more, run to run)
+gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
 out = {"steady": steady, "rss_model": status()["VmRSS"] - base}
 path = sys.argv[1]
 out["save"] = peak_over(lambda: sc.save(m, path, optimizer=o))
