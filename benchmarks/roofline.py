@@ -13,13 +13,15 @@ measured on this machine in the same run:
   sddmm: X; G's row is reused across the row's values). The ceiling is a kernel
   that only gathers random panel rows of the width the product uses from an
   L2-resident buffer (the panel, or 512 KiB of it when larger: sddmm's column
-  tiles hold that much) and adds them up, with no stores (the best of 25 runs);
+  tiles hold that much) and adds them up, with no stores;
 * ``stream``: the passes over activation-sized arrays the product must make: the
   pack of each operand (read + write), the output written (spmm, spmm_t) or the
   output vector read and written once per panel (sddmm), at the best rate of
   torch's ``copy_`` between two arrays of the activation's size (same cache tier).
 
-``roof = max(compute, gather) + stream`` (the packs and stores are separate passes
+Each ceiling is measured again at every shape that needs it and the roofs use its
+best over the whole run (a ceiling measured while the shared machine was busy would
+read low). ``roof = max(compute, gather) + stream`` (the packs and stores are separate passes
 that do not overlap the gathers), and the report gives the achieved useful GFLOP/s,
 the roof's GFLOP/s, ``fraction = roof time / achieved time`` and the term that
 bounds the roof. A fraction near 1 means the product already runs at what these
@@ -36,7 +38,6 @@ Writes benchmarks/results/roofline[_quick].json.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -60,6 +61,14 @@ from sparsecore.kernels.cpu.sddmm import sddmm_panel_width  # noqa: E402
 from sparsecore.kernels.cpu.spmm import U, _stack_buffer, panel_width, wide_vectors  # noqa: E402
 
 _GATHER_KERNELS: dict = {}
+_BEST: dict = {}   # each ceiling's best rate over the whole run, by key
+
+
+def best(key, rate: float) -> float:
+    """Record a measurement of ceiling ``key`` and return its best so far (a ceiling
+    measured while the shared machine was busy reads low; the roofs use the best)."""
+    _BEST[key] = max(_BEST.get(key, 0.0), rate)
+    return _BEST[key]
 _GATHER_BYTES = 512 << 10   # the gathered buffer: sddmm's X column tile, spmm's 1024-wide panels
 
 
@@ -95,7 +104,6 @@ def _gather_kernel(P: int):
     return _GATHER_KERNELS[P]
 
 
-@functools.lru_cache(maxsize=None)
 def gather_rate(P: int, rows: int, dtype, rounds: int = 25) -> float:
     """Bytes per second of random P-value rows gathered from an L2-resident buffer of
     ``rows`` rows per thread (all threads at once; the best of ``rounds``: a ceiling)."""
@@ -134,8 +142,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_shape(N: int, n: int, d: float, dtype, rounds: int, budget: float,
-                peak: float) -> list[dict]:
+def bench_shape(N: int, n: int, d: float, dtype, rounds: int, budget: float) -> list[dict]:
+    """Time the three products on one shape (interleaved rounds) and measure the
+    ceilings they need; the roofs are filled in by :func:`add_roofs` at the end."""
     indptr, indices, values = random_csr(N, N, d, seed=0)
     nnz = indices.numel()
     g = torch.Generator().manual_seed(1)
@@ -151,39 +160,54 @@ def bench_shape(N: int, n: int, d: float, dtype, rounds: int, budget: float,
     }
     times = interleaved(fns, rounds, budget_s=budget)
     isz = X.element_size()
+    npdt = np.dtype(X.numpy().dtype)
     act = n * N * isz                       # one activation, (n, N)
-    stream_bw = copy_rate(act, dtype)
-    flops = 2 * nnz * n
+    stream_key = ("stream", act, str(npdt))
+    best(stream_key, copy_rate(act, dtype))
     P_mm, P_dd = panel_width(N, isz, n), sddmm_panel_width(n, isz)
     npan_dd = -(-n // P_dd)
     recs = []
     for prod, (t, nr) in times.items():
         P = P_dd if prod == "sddmm" else P_mm
         rows = max(16, min(N, _GATHER_BYTES // (P * isz)))
-        gbw = gather_rate(P, rows, np.dtype(X.numpy().dtype))
+        gather_key = ("gather", P, rows, str(npdt))
+        best(gather_key, gather_rate(P, rows, npdt))
         if prod == "sddmm":   # both operands packed; out read + written per panel
             streamed = 2 * 2 * act + 2 * npan_dd * nnz * isz
         else:                 # one operand packed, the output written
             streamed = 2 * act + act
-        terms = {"compute": flops / peak, "gather": nnz * n * isz / gbw,
-                 "stream": streamed / stream_bw}
-        roof = max(terms["compute"], terms["gather"]) + terms["stream"]
-        bound = max(terms, key=terms.get)
         recs.append({
-            "product": prod, "N": N, "n": n, "density": d, "dtype": str(dtype).split(".")[-1],
-            "nnz": nnz, "time_s": t, "rounds": nr, "gflops": flops / t / 1e9,
-            "roof_gflops": flops / roof / 1e9, "fraction_of_roof": roof / t,
-            "bound": bound, "terms_s": terms, "dense_gemm_gflops": peak / 1e9,
-            "ratio_to_dense_rate": flops / t / peak,
-            "gather_gbs": gbw / 1e9, "stream_gbs": stream_bw / 1e9, "panel": P,
+            "product": prod, "N": N, "n": n, "density": d, "dtype": str(npdt),
+            "nnz": nnz, "time_s": t, "rounds": nr, "flops": 2 * nnz * n,
+            "gflops": 2 * nnz * n / t / 1e9, "panel": P,
+            "gathered_bytes": nnz * n * isz, "streamed_bytes": streamed,
+            "_keys": (gather_key, stream_key),
         })
     return recs
+
+
+def add_roofs(recs: list[dict]) -> None:
+    """Fill in each record's roof from the best ceilings of the whole run."""
+    peak = _BEST[("gemm",)]
+    for r in recs:
+        gather_key, stream_key = r.pop("_keys")
+        gbw, sbw = _BEST[gather_key], _BEST[stream_key]
+        terms = {"compute": r["flops"] / peak, "gather": r["gathered_bytes"] / gbw,
+                 "stream": r["streamed_bytes"] / sbw}
+        roof = max(terms["compute"], terms["gather"]) + terms["stream"]
+        r.update({"roof_gflops": r["flops"] / roof / 1e9,
+                  "fraction_of_roof": roof / r["time_s"], "bound": max(terms, key=terms.get),
+                  "terms_s": terms, "dense_gemm_gflops": peak / 1e9,
+                  "ratio_to_dense_rate": r["flops"] / r["time_s"] / peak,
+                  "gather_gbs": gbw / 1e9, "stream_gbs": sbw / 1e9})
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few shapes (< 1 min)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--sizes", default="1024,4096,16384",
+                    help="comma-separated out = in sizes of the full run")
     ap.add_argument("--rounds", type=int, default=200,
                     help="interleaved rounds per shape, at most (fewer past --budget)")
     ap.add_argument("--budget", type=float, default=15.0,
@@ -193,22 +217,28 @@ def main(argv=None) -> None:
     if args.quick:
         shapes = [(1024, 512, 0.01), (1024, 512, 0.1), (4096, 64, 0.01)]
     else:
-        shapes = [(N, n, d) for N in (1024, 4096, 16384) for n in (64, 512, 2048)
+        sizes = [int(v) for v in args.sizes.split(",")]
+        shapes = [(N, n, d) for N in sizes for n in (64, 512, 2048)
                   for d in (0.1, 0.01)]
     info = machine_info()
-    peak = gemm_rate(dtype)
     print(json.dumps(info), flush=True)
-    print(f"dense GEMM (2048^3, {args.dtype}): {peak / 1e9:.0f} GFLOP/s", flush=True)
+    best(("gemm",), gemm_rate(dtype))
+    recs = []
+    t0 = time.perf_counter()
+    for N, n, d in shapes:
+        recs += bench_shape(N, n, d, dtype, args.rounds, args.budget)
+        best(("gemm",), gemm_rate(dtype, rounds=2))
+        print(f"[{time.perf_counter() - t0:5.0f}s] {N}x{N} n={n} d={d}", flush=True)
+    add_roofs(recs)
+    print(f"dense GEMM (2048^3, {args.dtype}): {_BEST[('gemm',)] / 1e9:.0f} GFLOP/s")
     print(f"{'product':8} {'N':>6} {'n':>5} {'d':>5} {'GF/s':>6} {'roof':>6} {'frac':>5} "
           f"{'bound':8} {'/dense':>6}  gather GB/s  stream GB/s")
-    recs = []
-    for N, n, d in shapes:
-        for r in bench_shape(N, n, d, dtype, args.rounds, args.budget, peak):
-            recs.append(r)
-            print(f"{r['product']:8} {N:6} {n:5} {d:5.2f} {r['gflops']:6.1f} "
-                  f"{r['roof_gflops']:6.1f} {r['fraction_of_roof']:5.2f} {r['bound']:8} "
-                  f"{r['ratio_to_dense_rate']:6.2f}  {r['gather_gbs']:10.0f}  "
-                  f"{r['stream_gbs']:10.1f}", flush=True)
+    for r in recs:
+        print(f"{r['product']:8} {r['N']:6} {r['n']:5} {r['density']:5.2f} {r['gflops']:6.1f} "
+              f"{r['roof_gflops']:6.1f} {r['fraction_of_roof']:5.2f} {r['bound']:8} "
+              f"{r['ratio_to_dense_rate']:6.2f}  {r['gather_gbs']:10.0f}  "
+              f"{r['stream_gbs']:10.1f}")
+    peak = _BEST[("gemm",)]
     suffix = "_quick" if args.quick else ("" if args.dtype == "float32" else "_" + args.dtype)
     out = HERE / "results" / f"roofline{suffix}.json"
     out.write_text(json.dumps({"machine": info, "tree": tree_state(),
