@@ -55,7 +55,7 @@ import numba as nb  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _common import tree_state  # noqa: E402
-from kernels import interleaved, machine_info, random_csr  # noqa: E402
+from kernels import _time_once, interleaved, machine_info, random_csr  # noqa: E402
 from sparsecore import kernels as K  # noqa: E402
 from sparsecore.kernels.cpu.sddmm import sddmm_panel_width  # noqa: E402
 from sparsecore.kernels.cpu.spmm import U, _stack_buffer, panel_width, wide_vectors  # noqa: E402
@@ -115,7 +115,7 @@ def gather_rate(P: int, rows: int, dtype, rounds: int = 25) -> float:
     f = _gather_kernel(P)
     f(buf, idx, 1)
     reps = 8
-    best = min(_timed(lambda: f(buf, idx, reps)) for _ in range(rounds))
+    best = min(_time_once(lambda: f(buf, idx, reps)) for _ in range(rounds))
     return T * m * reps * P * buf.itemsize / best
 
 
@@ -125,7 +125,7 @@ def copy_rate(nbytes: int, dtype, rounds: int = 15) -> float:
     n = max(1, nbytes // torch.tensor([], dtype=dtype).element_size())
     a, b = torch.randn(n).to(dtype), torch.empty(n, dtype=dtype)
     b.copy_(a)
-    t = min(_timed(lambda: b.copy_(a)) for _ in range(rounds))
+    t = min(_time_once(lambda: b.copy_(a)) for _ in range(rounds))
     return 2 * n * a.element_size() / t
 
 
@@ -133,13 +133,7 @@ def gemm_rate(dtype, rounds: int = 5) -> float:
     """The dense GEMM's flop rate (torch.mm, 2048^3, best of ``rounds``)."""
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
-    return 2 * 2048 ** 3 / min(_timed(lambda: a @ b) for _ in range(rounds))
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    return 2 * 2048 ** 3 / min(_time_once(lambda: a @ b) for _ in range(rounds))
 
 
 def bench_shape(N: int, n: int, d: float, dtype, rounds: int, budget: float) -> list[dict]:
