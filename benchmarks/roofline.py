@@ -136,6 +136,45 @@ def gemm_rate(dtype, rounds: int = 5) -> float:
     return 2 * 2048 ** 3 / min(_time_once(lambda: a @ b) for _ in range(rounds))
 
 
+def traffic(product: str, nnz: int, n: int, f_read: int, f_other: int, isz: int):
+    """The roof's inputs for one call of ``product`` on ``nnz`` stored values and n
+    samples: (panel width P, rows of the gather ceiling's buffer, gathered bytes,
+    streamed bytes, bytes of the gathered activation). ``f_read``: features of the
+    activation whose panel rows are gathered (spmm: x's in, spmm_t: g's out, sddmm:
+    x's in); ``f_other``: features of the other activation (spmm, spmm_t: the output;
+    sddmm: G)."""
+    if product == "sddmm":   # both operands packed; out read + written per panel
+        P = sddmm_panel_width(n, isz)
+        streamed = 2 * n * (f_read + f_other) * isz + 2 * -(-n // P) * nnz * isz
+    else:                    # one operand packed, the output written
+        P = panel_width(f_read, isz, n)
+        streamed = 2 * n * f_read * isz + n * f_other * isz
+    rows = max(16, min(f_read, _GATHER_BYTES // (P * isz)))
+    return P, rows, nnz * n * isz, streamed, n * f_read * isz
+
+
+def measure_ceilings(P: int, rows: int, act: int, npdt) -> tuple:
+    """Measure (again) the gather ceiling for panels of P values over ``rows`` rows
+    and the stream ceiling for arrays of ``act`` bytes; returns their keys in _BEST."""
+    gather_key = ("gather", P, rows, str(npdt))
+    best(gather_key, gather_rate(P, rows, npdt))
+    stream_key = ("stream", act, str(npdt))
+    best(stream_key, copy_rate(act, torch.float64 if npdt == np.float64 else torch.float32))
+    return gather_key, stream_key
+
+
+def roof_terms(flops: float, gathered: float, streamed: float, keys: tuple) -> dict:
+    """Seconds of each ceiling's term for one call, from the run's best ceilings."""
+    gather_key, stream_key = keys
+    return {"compute": flops / _BEST[("gemm",)], "gather": gathered / _BEST[gather_key],
+            "stream": streamed / _BEST[stream_key]}
+
+
+def roof_time(terms: dict) -> float:
+    """``max(compute, gather) + stream`` (packs and stores do not overlap the gathers)."""
+    return max(terms["compute"], terms["gather"]) + terms["stream"]
+
+
 def bench_shape(N: int, n: int, d: float, dtype, rounds: int, budget: float) -> list[dict]:
     """Time the three products on one shape (interleaved rounds) and measure the
     ceilings they need; the roofs are filled in by :func:`add_roofs` at the end."""
@@ -155,26 +194,15 @@ def bench_shape(N: int, n: int, d: float, dtype, rounds: int, budget: float) -> 
     times = interleaved(fns, rounds, budget_s=budget)
     isz = X.element_size()
     npdt = np.dtype(X.numpy().dtype)
-    act = n * N * isz                       # one activation, (n, N)
-    stream_key = ("stream", act, str(npdt))
-    best(stream_key, copy_rate(act, dtype))
-    P_mm, P_dd = panel_width(N, isz, n), sddmm_panel_width(n, isz)
-    npan_dd = -(-n // P_dd)
     recs = []
     for prod, (t, nr) in times.items():
-        P = P_dd if prod == "sddmm" else P_mm
-        rows = max(16, min(N, _GATHER_BYTES // (P * isz)))
-        gather_key = ("gather", P, rows, str(npdt))
-        best(gather_key, gather_rate(P, rows, npdt))
-        if prod == "sddmm":   # both operands packed; out read + written per panel
-            streamed = 2 * 2 * act + 2 * npan_dd * nnz * isz
-        else:                 # one operand packed, the output written
-            streamed = 2 * act + act
+        P, rows, gathered, streamed, act = traffic(prod, nnz, n, N, N, isz)
+        gather_key, stream_key = measure_ceilings(P, rows, act, npdt)
         recs.append({
             "product": prod, "N": N, "n": n, "density": d, "dtype": str(npdt),
             "nnz": nnz, "time_s": t, "rounds": nr, "flops": 2 * nnz * n,
             "gflops": 2 * nnz * n / t / 1e9, "panel": P,
-            "gathered_bytes": nnz * n * isz, "streamed_bytes": streamed,
+            "gathered_bytes": gathered, "streamed_bytes": streamed,
             "_keys": (gather_key, stream_key),
         })
     return recs
@@ -184,16 +212,14 @@ def add_roofs(recs: list[dict]) -> None:
     """Fill in each record's roof from the best ceilings of the whole run."""
     peak = _BEST[("gemm",)]
     for r in recs:
-        gather_key, stream_key = r.pop("_keys")
-        gbw, sbw = _BEST[gather_key], _BEST[stream_key]
-        terms = {"compute": r["flops"] / peak, "gather": r["gathered_bytes"] / gbw,
-                 "stream": r["streamed_bytes"] / sbw}
-        roof = max(terms["compute"], terms["gather"]) + terms["stream"]
+        keys = r.pop("_keys")
+        terms = roof_terms(r["flops"], r["gathered_bytes"], r["streamed_bytes"], keys)
+        roof = roof_time(terms)
         r.update({"roof_gflops": r["flops"] / roof / 1e9,
                   "fraction_of_roof": roof / r["time_s"], "bound": max(terms, key=terms.get),
                   "terms_s": terms, "dense_gemm_gflops": peak / 1e9,
                   "ratio_to_dense_rate": r["flops"] / r["time_s"] / peak,
-                  "gather_gbs": gbw / 1e9, "stream_gbs": sbw / 1e9})
+                  "gather_gbs": _BEST[keys[0]] / 1e9, "stream_gbs": _BEST[keys[1]] / 1e9})
 
 
 def main(argv=None) -> None:
