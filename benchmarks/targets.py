@@ -98,19 +98,25 @@ class CallRecorder(KernelTimer):
         return recorded
 
 
-def roof_of_calls(calls: list[tuple]) -> float:
-    """Seconds of the products of ``calls`` at their roofs (ceilings measured now;
-    the roofs use each ceiling's best over the run). A call's roof is the lower of
-    the format's roof and the dense GEMM of the whole product at the peak rate
-    (2 n in out flops), since the product can always be computed densely in tiles
-    (sddmm does so from 30% density)."""
-    total = 0.0
+def measure_calls(calls: list[tuple]) -> list[tuple]:
+    """Measure (again) the ceilings each call needs; returns per call (flops, gathered
+    bytes, streamed bytes, ceiling keys, flops of the whole product done densely)."""
+    out = []
     for product, nnz, n, f_read, f_other, isz in calls:
         P, rows, gathered, streamed, act = traffic(product, nnz, n, f_read, f_other, isz)
         keys = measure_ceilings(P, rows, act, np.dtype(np.float32 if isz == 4 else np.float64))
-        total += min(roof_time(roof_terms(2 * nnz * n, gathered, streamed, keys)),
-                     2 * n * f_read * f_other / _BEST[("gemm",)])
-    return total
+        out.append((2 * nnz * n, gathered, streamed, keys, 2 * n * f_read * f_other))
+    return out
+
+
+def roof_of(measured: list[tuple]) -> float:
+    """Seconds of the products at their roofs, from each ceiling's best over the run.
+    A call's roof is the lower of the format's roof and the dense GEMM of the whole
+    product at the peak rate, since the product can always be computed densely in
+    tiles (sddmm does so from 30% density)."""
+    peak = _BEST[("gemm",)]
+    return sum(min(roof_time(roof_terms(flops, gathered, streamed, keys)), dense / peak)
+               for flops, gathered, streamed, keys, dense in measured)
 
 
 def layer_steps(sf: float, sb: float, rounds: int, steps: int, rec: CallRecorder):
@@ -181,6 +187,8 @@ def _interleave(dstep, sstep, rounds, steps, rec):
 
 
 def evaluate(kind: str, pairs, rounds: int, steps: int) -> list[dict]:
+    """Time each configuration and measure the ceilings its calls need; the roofs
+    are added by :func:`add_roofs` once every ceiling has its best of the run."""
     targets = LAYER_TARGETS if kind == "layer" else MODEL_TARGETS
     run = layer_steps if kind == "layer" else model_steps
     out = []
@@ -192,20 +200,21 @@ def evaluate(kind: str, pairs, rounds: int, steps: int) -> list[dict]:
         finally:
             rec.restore()
         best(("gemm",), gemm_rate(torch.float32, rounds=3))
-        roof = roof_of_calls(calls)
-        other = sparse - prods
-        r = {"kind": kind, "forward_sparsity": sf, "backward_sparsity": sb,
-             "dense_ms": 1e3 * dense, "sparse_ms": 1e3 * sparse, "products_ms": 1e3 * prods,
-             "other_ms": 1e3 * other, "products_at_roof_ms": 1e3 * roof,
-             "products_fraction_of_roof": roof / prods, "calls": len(calls),
-             "speedup": dense / sparse, "speedup_at_roof": dense / (other + roof),
-             "speedup_products_only": dense / roof, "target": targets[(sf, sb)]}
-        out.append(r)
-        print(f"{kind:5} {sf:.2f}/{sb:.2f} {r['dense_ms']:8.1f} {r['sparse_ms']:8.1f} "
-              f"{r['products_ms']:8.1f} {r['other_ms']:7.1f} {r['products_at_roof_ms']:7.1f} "
-              f"{r['speedup']:7.2f}x {r['speedup_at_roof']:7.2f}x "
-              f"{r['speedup_products_only']:8.2f}x {r['target']:6.1f}x", flush=True)
+        out.append({"kind": kind, "forward_sparsity": sf, "backward_sparsity": sb,
+                    "dense_ms": 1e3 * dense, "sparse_ms": 1e3 * sparse,
+                    "products_ms": 1e3 * prods, "other_ms": 1e3 * (sparse - prods),
+                    "calls": len(calls), "speedup": dense / sparse,
+                    "target": targets[(sf, sb)], "_measured": measure_calls(calls)})
+        print(f"[{kind} {sf:.2f}/{sb:.2f} timed]", flush=True)
     return out
+
+
+def add_roofs(recs: list[dict]) -> None:
+    for r in recs:
+        roof = 1e3 * roof_of(r.pop("_measured"))
+        dense, other = r["dense_ms"], r["other_ms"]
+        r.update({"products_at_roof_ms": roof, "products_fraction_of_roof": roof / r["products_ms"],
+                  "speedup_at_roof": dense / (other + roof), "speedup_products_only": dense / roof})
 
 
 def main(argv=None) -> None:
@@ -219,10 +228,17 @@ def main(argv=None) -> None:
     info = machine_info()
     print(json.dumps(info), flush=True)
     best(("gemm",), gemm_rate(torch.float32))
-    print(f"{'':5} {'S_f/S_b':>9} {'dense':>8} {'sparse':>8} {'products':>8} {'other':>7} "
-          f"{'roof':>7} {'speedup':>8} {'at roof':>8} {'prod only':>9} {'target':>7}  (ms)")
     recs = evaluate("layer", pairs, rounds, args.steps) + evaluate("model", pairs, rounds,
                                                                    args.steps)
+    add_roofs(recs)
+    print(f"{'':5} {'S_f/S_b':>9} {'dense':>8} {'sparse':>8} {'products':>8} {'other':>7} "
+          f"{'roof':>7} {'speedup':>8} {'at roof':>8} {'prod only':>9} {'target':>7}  (ms)")
+    for r in recs:
+        print(f"{r['kind']:5} {r['forward_sparsity']:.2f}/{r['backward_sparsity']:.2f} "
+              f"{r['dense_ms']:8.1f} {r['sparse_ms']:8.1f} {r['products_ms']:8.1f} "
+              f"{r['other_ms']:7.1f} {r['products_at_roof_ms']:7.1f} {r['speedup']:7.2f}x "
+              f"{r['speedup_at_roof']:7.2f}x {r['speedup_products_only']:8.2f}x "
+              f"{r['target']:6.1f}x")
     ceilings = {" ".join(map(str, k)): v for k, v in _BEST.items()}
     out = HERE / "results" / f"targets{'_quick' if args.quick else ''}.json"
     out.write_text(json.dumps({"machine": info, "tree": tree_state(),
