@@ -309,6 +309,48 @@ def test_sddmm_row_blocks_panels_and_tiles(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_sddmm_structures_share_passes(dtype):
+    """``more`` structures are walked two per pass with the first (the layer's A and B
+    minus A): three structures (a pair and one alone), columns of one shuffled within
+    its rows (any order is correct), several row blocks and column tiles, the
+    regulariser on the first only; each against the dense oracle and against a call
+    of its own. A structure with other rows than W is refused."""
+    from sparsecore.kernels.cpu import sddmm as cpu_sddmm
+    rng = np.random.default_rng(11)
+    n, rows, cols = 300, 1_100, 5_000
+    ws = [CSR(rng, rows, cols, d, dtype, empty_rows=e) for d, e in ((0.003, 0.2),
+                                                                    (0.002, 0.0), (0.004, 0.5))]
+    for r in range(rows):   # shuffle the second structure's columns within each row
+        a, b = int(ws[1].indptr[r]), int(ws[1].indptr[r + 1])
+        ws[1].indices[a:b] = ws[1].indices[a:b][torch.from_numpy(rng.permutation(b - a))]
+    ws[1].row_of = torch.repeat_interleave(torch.arange(rows), ws[1].indptr.diff())
+    assert cpu_sddmm._L2_TILE_BYTES // 512 < cols   # several column tiles (512-byte rows)
+    g, x = rand(rng, (n, rows), dtype), rand(rng, (n, cols), dtype)
+    theta = rand(rng, (ws[0].nnz,), dtype)
+    outs = [torch.full((w.nnz,), float("nan"), dtype=dtype) for w in ws]
+    kernels.sddmm(ws[0].indptr, ws[0].indices, g, x, theta=theta, reg=0.3, out=outs[0],
+                  layout="row", more=[(w.indptr, w.indices, o) for w, o in zip(ws[1:], outs[1:])])
+    g64, x64 = g.double(), x.double()
+    for i, (w, o) in enumerate(zip(ws, outs)):
+        r, c = w.row_of, w.indices.long()
+        exact = (g64[:, r] * x64[:, c]).sum(0)
+        bound = (g64[:, r] * x64[:, c]).abs().sum(0)
+        alone = kernels.sddmm(w.indptr, w.indices, g, x, layout="row")
+        if i == 0:
+            exact, bound = exact + 0.3 * theta.double(), bound + abs(0.3 * theta.double())
+            alone += 0.3 * theta
+        assert_within(o, exact, bound, dtype, n + 1, f"sddmm structure {i}")
+        torch.testing.assert_close(o, alone, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=0.0)
+    short = CSR(rng, rows - 1, cols, 0.01, dtype)
+    more = [(short.indptr, short.indices, torch.empty(short.nnz, dtype=dtype))]
+    with pytest.raises(ValueError, match="a structure in more"):
+        kernels.sddmm(ws[0].indptr, ws[0].indices, g, x, layout="row", more=more)
+    with pytest.raises(ValueError, match=f"has {rows - 1} rows; W has {rows}"):   # unchecked call
+        kernels.sddmm(ws[0].indptr, ws[0].indices, g, x, layout="row", more=more, check=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_store_transposed16_matches_numpy(dtype):
     """The in-register 16 x 16 transpose that stores spmm's output blocks, at offsets and
     strides as the kernel passes them (element units), against numpy's transpose; memory
