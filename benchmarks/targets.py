@@ -25,7 +25,7 @@ generous: they take the best ceiling of the run and let nothing else overlap.
 
 Usage::
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/targets.py            # ~3 min, 2 cores
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/targets.py            # ~1.5 min, 2 cores
     OMP_WAIT_POLICY=PASSIVE python benchmarks/targets.py --quick    # 99/98 only
 
 Writes benchmarks/results/targets[_quick].json.
@@ -210,11 +210,14 @@ def evaluate(kind: str, pairs, rounds: int, steps: int) -> list[dict]:
 
 
 def add_roofs(recs: list[dict]) -> None:
+    """Fill in each record's roofs and the speedups they allow."""
     for r in recs:
         roof = 1e3 * roof_of(r.pop("_measured"))
         dense, other = r["dense_ms"], r["other_ms"]
-        r.update({"products_at_roof_ms": roof, "products_fraction_of_roof": roof / r["products_ms"],
-                  "speedup_at_roof": dense / (other + roof), "speedup_products_only": dense / roof})
+        r.update({"products_at_roof_ms": roof,
+                  "products_fraction_of_roof": roof / r["products_ms"],
+                  "speedup_at_roof": dense / (other + roof),
+                  "speedup_products_only": dense / roof})
 
 
 def main(argv=None) -> None:

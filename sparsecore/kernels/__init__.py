@@ -278,7 +278,8 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: tor
             raise ValueError("each of more must be (int64 indptr, int32 indices, contiguous "
                              "1-D CPU out of one value per index)")
         if check:
-            check_csr(ip, ix, indptr.numel() - 1, xt.shape[1 if row else 0], "a structure in more")
+            check_csr(ip, ix, indptr.numel() - 1, xt.shape[1 if row else 0],
+                      "a structure in more")
     o = None if out is None else _np(out, "out")
     th = None if theta is None else _np(theta, "theta")
     # either layout is read as the (n, features) view it is: the kernel packs both

@@ -15,8 +15,9 @@ one P-long dot product into ``out[k]``, panels in a fixed order), and within a p
 W's columns in tiles of 512 KiB of packed X, which stay in L2 while every row of the
 block reuses them; G's panel rows stream. Four stored values of a row share each
 load of ``gp[p, row]``, and two structures over the same rows (the layer's A and B
-minus A) are walked in the same pass, sharing that load and X's tiles. Measured limit: L2 bandwidth (P * itemsize bytes of X per
-value and panel, about 2 cycles per 64-byte line on the 2-core benchmark machine).
+minus A) are walked in the same pass, sharing that load and X's tiles. Measured
+limit: L2 bandwidth (P * itemsize bytes of X per value and panel, about 2 cycles per
+64-byte line on the 2-core benchmark machine).
 Column indices should ascend within each row (fastest); any order is correct.
 At high density (>= DENSE_DENSITY stored values over all structures of the call) the
 entries are instead read out of dense GEMM row tiles of G^T X (torch.mm, a reused tile
@@ -86,7 +87,7 @@ def _make_sddmm_kernel(P, PG):
     The kernel serves two structures over the same rows in one pass (the layer's A
     and B minus A; the second may be empty): each row's G vector is loaded once per
     column tile for both, and X's tile is walked once. Measured against one call
-    per structure: 1.02x-1.16x (1024-4096 features, n = 512, 2% and 10% of B)."""
+    per structure: 1.02x-1.18x (1024-4096 features, n = 512, 2% and 10% of B)."""
     H = P // PG
 
     @nb.njit(inline="always", cache=True, fastmath=True, boundscheck=False)
