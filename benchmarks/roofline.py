@@ -69,6 +69,8 @@ def best(key, rate: float) -> float:
     measured while the shared machine was busy reads low; the roofs use the best)."""
     _BEST[key] = max(_BEST.get(key, 0.0), rate)
     return _BEST[key]
+
+
 _GATHER_BYTES = 512 << 10   # the gathered buffer: sddmm's X column tile, spmm's 1024-wide panels
 
 
@@ -115,8 +117,8 @@ def gather_rate(P: int, rows: int, dtype, rounds: int = 25) -> float:
     f = _gather_kernel(P)
     f(buf, idx, 1)
     reps = 8
-    best = min(_time_once(lambda: f(buf, idx, reps)) for _ in range(rounds))
-    return T * m * reps * P * buf.itemsize / best
+    t = min(_time_once(lambda: f(buf, idx, reps)) for _ in range(rounds))
+    return T * m * reps * P * buf.itemsize / t
 
 
 def copy_rate(nbytes: int, dtype, rounds: int = 15) -> float:
